@@ -1,0 +1,67 @@
+"""CLIP byte-level BPE tokenizer, built on the `tokenizers` library.
+
+The vocabulary (sd/assets/vocab.json, merges.txt) is OpenAI CLIP's, MIT
+licensed (see sd/assets/LICENSE-CLIP). The rules mirror transformers'
+`CLIPTokenizer`: NFC, whitespace runs collapsed to one space, lower-case,
+CLIP's word regex, byte-level BPE with an end-of-word suffix.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Regex, Tokenizer as _Backend, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+ASSETS = Path(__file__).parent / "assets"
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+CONTEXT_LENGTH = 77
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if lines and lines[0].startswith("#version"):
+        lines = lines[1:]
+    return [tuple(line.split()) for line in lines if line.strip()]
+
+
+class Tokenizer:
+    """Text -> (B, 77) token ids: start token, up to 75 BPE tokens, end token, padding.
+
+    `pad_token` is "<|endoftext|>" for CLIP-L (SD 1.5, SDXL's first encoder)
+    and "!" (id 0) for OpenCLIP bigG (SDXL's second encoder).
+    """
+
+    def __init__(self, vocab_dir: str | Path = ASSETS, pad_token: str = EOS, length: int = CONTEXT_LENGTH):
+        vocab_dir = Path(vocab_dir)
+        vocab = json.loads((vocab_dir / "vocab.json").read_text(encoding="utf-8"))
+        merges = _read_merges(vocab_dir / "merges.txt")
+        bpe = BPE(vocab=vocab, merges=merges, continuing_subword_prefix="", end_of_word_suffix="</w>",
+                  fuse_unk=False, unk_token=EOS)
+        backend = _Backend(bpe)
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        # CLIP's word pattern: contractions, letter runs, single digits, punctuation runs.
+        words = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(words), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        backend.add_special_tokens([BOS, EOS])  # written in a prompt, they stay one token each
+        self._backend = backend
+        self.bos_id, self.eos_id = vocab[BOS], vocab[EOS]
+        self.pad_id = vocab[pad_token]
+        self.length = length
+
+    def encode_ids(self, text: str) -> list[int]:
+        """BPE ids of `text`, without start/end tokens or truncation."""
+        return self._backend.encode(text, add_special_tokens=False).ids
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        rows = []
+        for text in texts:
+            ids = [self.bos_id] + self.encode_ids(text)[: self.length - 2] + [self.eos_id]
+            rows.append(ids + [self.pad_id] * (self.length - len(ids)))
+        return torch.tensor(rows, dtype=torch.long)  # (B, 77)
