@@ -1,0 +1,175 @@
+"""AutoencoderKL (Rombach et al. 2022): image <-> latent distribution. Names follow the
+official single-file keys under `first_stage_model.` (`encoder.down.0.block.1.conv2`)."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class VAEConfig:
+    channels: int = 128
+    channel_mult: tuple[int, ...] = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    latent_channels: int = 4
+    image_channels: int = 3
+    norm_groups: int = 32
+    scaling_factor: float = 0.18215  # SD 1.5; SDXL's VAE uses 0.13025
+
+
+VAE_SD15 = VAEConfig()
+VAE_SDXL = VAEConfig(scaling_factor=0.13025)
+
+
+def norm(groups: int, ch: int) -> nn.GroupNorm:
+    return nn.GroupNorm(groups, ch, eps=1e-6)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, ch: int, out_ch: int, groups: int):
+        super().__init__()
+        self.norm1, self.conv1 = norm(groups, ch), nn.Conv2d(ch, out_ch, 3, padding=1)
+        self.norm2, self.conv2 = norm(groups, out_ch), nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.nin_shortcut = nn.Conv2d(ch, out_ch, 1) if ch != out_ch else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.nin_shortcut(x) + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all pixels; q/k/v are 1x1 convolutions."""
+
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.norm = norm(groups, ch)
+        self.q, self.k, self.v = (nn.Conv2d(ch, ch, 1) for _ in range(3))
+        self.proj_out = nn.Conv2d(ch, ch, 1)
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        q, k, v = (p(h).flatten(2).transpose(1, 2)[:, None] for p in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))  # LDM pads right/bottom only
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Mid(nn.Module):
+    def __init__(self, ch: int, groups: int):
+        super().__init__()
+        self.block_1, self.attn_1, self.block_2 = ResnetBlock(ch, ch, groups), AttnBlock(ch, groups), ResnetBlock(ch, ch, groups)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Level(nn.Module):
+    """One resolution: resnet blocks, then an optional resampler (`downsample` or `upsample`)."""
+
+    def __init__(self, chans: list[int], groups: int, resample: str | None):
+        super().__init__()
+        self.block = nn.ModuleList(ResnetBlock(a, b, groups) for a, b in zip(chans, chans[1:]))
+        if resample == "down":
+            self.downsample = Downsample(chans[-1])
+        elif resample == "up":
+            self.upsample = Upsample(chans[-1])
+
+    def forward(self, x):
+        for block in self.block:
+            x = block(x)
+        for name in ("downsample", "upsample"):
+            if hasattr(self, name):
+                x = getattr(self, name)(x)
+        return x
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        g, widths = cfg.norm_groups, [cfg.channels * m for m in cfg.channel_mult]
+        self.conv_in = nn.Conv2d(cfg.image_channels, cfg.channels, 3, padding=1)
+        ins = [cfg.channels] + widths[:-1]
+        self.down = nn.ModuleList(
+            Level([i] + [w] * cfg.num_res_blocks, g, "down" if n < len(widths) - 1 else None)
+            for n, (i, w) in enumerate(zip(ins, widths)))
+        self.mid = Mid(widths[-1], g)
+        self.norm_out = norm(g, widths[-1])
+        self.conv_out = nn.Conv2d(widths[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for level in self.down:
+            x = level(x)
+        return self.conv_out(F.silu(self.norm_out(self.mid(x))))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        g, widths = cfg.norm_groups, [cfg.channels * m for m in cfg.channel_mult]
+        self.conv_in = nn.Conv2d(cfg.latent_channels, widths[-1], 3, padding=1)
+        self.mid = Mid(widths[-1], g)
+        # up[n] works at the resolution of encoder level n; it runs from the last level to the first.
+        ins = widths[1:] + [widths[-1]]
+        self.up = nn.ModuleList(
+            Level([i] + [w] * (cfg.num_res_blocks + 1), g, "up" if n > 0 else None)
+            for n, (i, w) in enumerate(zip(ins, widths)))
+        self.norm_out = norm(g, widths[0])
+        self.conv_out = nn.Conv2d(widths[0], cfg.image_channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            x = level(x)
+        return self.conv_out(F.silu(self.norm_out(x)))
+
+
+@dataclass
+class LatentDistribution:
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        # Noise drawn in float32 on the generator's device, as diffusers' randn_tensor does on the CPU.
+        noise = torch.randn(self.mean.shape, generator=generator, dtype=torch.float32,
+                            device=generator.device if generator is not None else "cpu")
+        return self.mean + self.std * noise.to(self.mean.device, self.mean.dtype)
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, cfg: VAEConfig = VAE_SD15):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+
+    def encode(self, x: torch.Tensor) -> LatentDistribution:
+        """x: (B, 3, H, W) in [-1, 1] -> distribution over (B, 4, H/8, W/8) unscaled latents."""
+        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+        return LatentDistribution(mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0)))
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (B, 4, h, w) unscaled latents -> (B, 3, 8h, 8w) image in about [-1, 1]."""
+        return self.decoder(self.post_quant_conv(z))
