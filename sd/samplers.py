@@ -1,0 +1,93 @@
+"""Samplers as functions (after k-diffusion): `sample_x(model, x, sigmas, ...) -> x`.
+
+`model(x, sigma) -> denoised x0` is any denoiser (see denoiser.py); `x` starts at
+noise level `sigmas[0]` and the result sits at `sigmas[-1]` (usually 0). Every
+mode of the pipeline (txt2img, img2img, inpainting) is a choice of `x`, `sigmas`
+and `model` around these same loops.
+"""
+
+from collections.abc import Callable
+
+import torch
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Progress = Callable[[int, int], None] | None
+
+
+def randn(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
+    """Gaussian noise drawn in float32 on the generator's device (the CPU for seeded runs), so a
+    seed gives the same numbers as diffusers and the same image on every device."""
+    gen_device = generator.device if generator is not None else "cpu"
+    return torch.randn(shape, generator=generator, dtype=torch.float32, device=gen_device).to(device, dtype)
+
+
+def _report(progress: Progress, i: int, n: int):
+    if progress is not None:
+        progress(i + 1, n)
+
+
+@torch.no_grad()
+def sample_euler(model: Denoiser, x, sigmas, progress: Progress = None, **_):
+    """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn).
+    With a DDPM model and sigmas at integer timesteps this is exactly DDIM with eta = 0."""
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        d = (x - denoised) / sigmas[i]
+        x = x + d * (sigmas[i + 1] - sigmas[i])
+        _report(progress, i, len(sigmas) - 1)
+    return x
+
+
+def sample_ddim(model: Denoiser, x, sigmas, progress: Progress = None, **_):
+    """DDIM, eta = 0 (Song et al. 2020, eq. 12): x_prev = x0 + sigma_prev * eps, which in
+    sigma space is one Euler step (Karras et al. 2022, section 4)."""
+    return sample_euler(model, x, sigmas, progress)
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model: Denoiser, x, sigmas, generator=None, eta: float = 1.0,
+                           progress: Progress = None, **_):
+    """Euler ancestral (k-diffusion): an Euler step down to sigma_down, then fresh noise up to
+    sigma_next, splitting each step as DDPM's ancestral sampling does (Ho et al. 2020)."""
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        s, s_next = sigmas[i], sigmas[i + 1]
+        sigma_up = torch.minimum(s_next, eta * (s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2) ** 0.5)
+        sigma_down = (s_next ** 2 - sigma_up ** 2) ** 0.5
+        x = x + (x - denoised) / s * (sigma_down - s)
+        if s_next > 0:
+            x = x + randn(x.shape, generator, x.device) * sigma_up
+        _report(progress, i, len(sigmas) - 1)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model: Denoiser, x, sigmas, progress: Progress = None, **_):
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): second-order multistep in log-sigma,
+    first order on the first step and on the step that lands on sigma = 0."""
+    old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i])
+        s, s_next = sigmas[i], sigmas[i + 1]
+        if s_next == 0:
+            x = denoised
+        else:
+            h = torch.log(s) - torch.log(s_next)  # step in lambda = -log(sigma)
+            if old_denoised is not None:
+                r = (torch.log(sigmas[i - 1]) - torch.log(s)) / h
+                denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            else:
+                denoised_d = denoised
+            x = (s_next / s) * x - torch.expm1(-h) * denoised_d
+        old_denoised = denoised
+        _report(progress, i, len(sigmas) - 1)
+    return x
+
+
+SAMPLER_FUNCTIONS = {
+    "ddim": sample_ddim,
+    "euler": sample_euler,
+    "euler_a": sample_euler_ancestral,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_karras": sample_dpmpp_2m,
+}
