@@ -1,0 +1,304 @@
+"""Reading checkpoints: safetensors files, the official single-file layout, the diffusers
+folder layout, and working out the model family and configs from what is stored.
+
+Our modules are named after the single-file keys, so a single file needs no renaming.
+A diffusers folder's UNet and VAE go through the small rule tables below.
+"""
+
+import json
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .clip import CLIP_L, CLIPConfig
+from .schedule import ScheduleConfig
+from .unet import SD15, SD15_INPAINT, SDXL, UNetConfig
+from .vae import VAE_SD15, VAE_SDXL, VAEConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder that cannot be read or does not fit the model."""
+
+
+# Tensors real files carry that no model needs: skipped, never an error.
+SKIPPED = re.compile(r"(^|\.)position_ids$|^logit_scale$|^betas$|^alphas_cumprod|^posterior_|^model_ema\."
+                     r"|num_batches_tracked$|^sqrt_|^log_one_minus|^alphas_cumprod_prev$")
+
+StateDict = dict[str, torch.Tensor]
+
+
+def read_safetensors(path: Path, device="cpu", dtype: torch.dtype | None = None) -> StateDict:
+    """Every tensor of `path`, each cast straight to `dtype` on `device` (one at a time, so no
+    second full-precision copy of the model ever exists)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint file")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            out = {}
+            for key in f.keys():
+                t = f.get_tensor(key)
+                out[key] = t.to(device=device, dtype=dtype if dtype and t.is_floating_point() else t.dtype)
+            return out
+    except SafetensorError as e:
+        hint = ("the file is truncated (an interrupted download?)" if "incomplete" in str(e)
+                else "it is not a safetensors file (.ckpt pickles are not loaded, for safety)")
+        raise CheckpointError(f"{path}: cannot read: {hint} [{e}]") from None
+
+
+def split_prefix(sd: StateDict, prefix: str) -> StateDict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and not SKIPPED.search(k[len(prefix):])}
+
+
+def build(module_cls, cfg, sd: StateDict, what: str, source) -> torch.nn.Module:
+    """Instantiate `module_cls(cfg)` without allocating or initialising weights, then adopt the
+    tensors of `sd` as its parameters. Missing or unexpected keys are a CheckpointError."""
+    with torch.device("meta"):
+        model = module_cls(cfg)
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    wrong = [f"{k}: file {tuple(sd[k].shape)}, model {tuple(v.shape)}"
+             for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    if missing or unexpected or wrong:
+        def listing(label, keys):
+            return f"\n  {label} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "") if keys else ""
+        raise CheckpointError(f"{source}: the {what} weights do not fit the model"
+                              + listing("missing keys", missing) + listing("unexpected keys", unexpected)
+                              + listing("wrong shapes", wrong))
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------- configs from weights
+
+def _count(sd: StateDict, pattern: str) -> int:
+    """How many distinct values the (\\d+) group of `pattern` takes among the keys."""
+    rx = re.compile(pattern)
+    return len({m.group(1) for k in sd if (m := rx.match(k))})
+
+
+def unet_config_from_weights(sd: StateDict, family: str) -> UNetConfig:
+    """Channel counts, depths and widths read off the tensors; head counts from the family
+    (SD 1.5: 8 heads per level; SDXL: 64 channels per head), which weights cannot tell."""
+    preset = SDXL if family == "sdxl" else SD15
+    conv_in = sd["input_blocks.0.0.weight"]
+    mc = conv_in.shape[0]
+    levels = _count(sd, r"input_blocks\.(\d+)\.0\.op\.weight") + 1
+    num_res_blocks = (len({k.split(".")[1] for k in sd if k.startswith("input_blocks.")}) - levels) // levels
+    mult, depth = [], []
+    for level in range(levels):
+        first = 1 + level * (num_res_blocks + 1)
+        mult.append(sd[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
+        depth.append(_count(sd, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\."))
+    to_k = next(v for k, v in sd.items() if k.endswith("attn2.to_k.weight"))
+    heads = tuple(8 for _ in mult) if family != "sdxl" else tuple(max(1, mc * m // 64) for m in mult)
+    return replace(preset, in_channels=conv_in.shape[1], out_channels=sd["out.2.weight"].shape[0], model_channels=mc,
+                   channel_mult=tuple(mult), num_res_blocks=num_res_blocks, transformer_depth=tuple(depth),
+                   mid_transformer_depth=_count(sd, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
+                   heads=heads, context_dim=to_k.shape[1], linear_proj=sd["middle_block.1.proj_in.weight"].ndim == 2,
+                   adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else None)
+
+
+def vae_config_from_weights(sd: StateDict, family: str) -> VAEConfig:
+    preset = VAE_SDXL if family == "sdxl" else VAE_SD15
+    ch = sd["encoder.conv_in.weight"].shape[0]
+    levels = _count(sd, r"encoder\.down\.(\d+)\.")
+    return replace(preset, channels=ch, image_channels=sd["encoder.conv_in.weight"].shape[1],
+                   channel_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+                   num_res_blocks=_count(sd, r"encoder\.down\.0\.block\.(\d+)\."),
+                   latent_channels=sd["post_quant_conv.weight"].shape[0])
+
+
+def clip_config_from_weights(sd: StateDict, preset: CLIPConfig = CLIP_L) -> CLIPConfig:
+    """CLIP text encoders use 64 channels per head (CLIP-L: 768/12, bigG: 1280/20)."""
+    vocab, width = sd["embeddings.token_embedding.weight"].shape
+    return replace(preset, vocab_size=vocab, width=width, heads=max(1, width // 64),
+                   max_positions=sd["embeddings.position_embedding.weight"].shape[0],
+                   layers=_count(sd, r"encoder\.layers\.(\d+)\."),
+                   mlp_width=sd["encoder.layers.0.mlp.fc1.weight"].shape[0])
+
+
+# ---------------------------------------------------------------- diffusers names -> single-file names
+
+RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+          "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+UNET_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
+            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+            "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
+
+
+def unet_from_diffusers(sd: StateDict) -> StateDict:
+    """diffusers `down_blocks.1.attentions.0.proj_in` -> LDM `input_blocks.4.1.proj_in`, and so on."""
+    n = _count(sd, r"down_blocks\.0\.resnets\.(\d+)\.")  # resnets per down block
+    up_has_attn = {int(m.group(1)) for k in sd if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+
+    def rename(key: str) -> str:
+        for old, new in UNET_TOP.items():
+            if key.startswith(old + "."):
+                return new + key[len(old):]
+        if m := re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.*)", key):
+            side, b, kind, j, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+            if side == "down":
+                stem = f"input_blocks.{1 + b * (n + 1) + j}"
+            else:
+                stem = f"output_blocks.{b * (n + 1) + j}"
+            return f"{stem}.1.{rest}" if kind == "attentions" else f"{stem}.0.{_resnet(rest)}"
+        if m := re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.*)", key):
+            return f"input_blocks.{(int(m[1]) + 1) * (n + 1)}.0.op.{m[2]}"
+        if m := re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.(.*)", key):
+            b = int(m[1])
+            return f"output_blocks.{b * (n + 1) + n}.{2 if b in up_has_attn else 1}.{m[2]}"
+        if m := re.match(r"mid_block\.attentions\.0\.(.*)", key):
+            return f"middle_block.1.{m[1]}"
+        if m := re.match(r"mid_block\.resnets\.(\d+)\.(.*)", key):
+            return f"middle_block.{2 * int(m[1])}.{_resnet(m[2])}"
+        return key  # unknown: reported as unexpected by build()
+
+    return {rename(k): v for k, v in sd.items()}
+
+
+def _resnet(rest: str) -> str:
+    layer, _, param = rest.partition(".")
+    return f"{RESNET.get(layer, layer)}.{param}"
+
+
+VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
+            "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # second row: old diffusers names
+
+
+def vae_from_diffusers(sd: StateDict) -> StateDict:
+    """diffusers `decoder.up_blocks.0.resnets.1` -> LDM `decoder.up.3.block.1` (up blocks run in
+    reverse), mid-block attention linears -> 1x1 convolutions."""
+    levels = _count(sd, r"decoder\.up_blocks\.(\d+)\.")
+    out = {}
+    for key, v in sd.items():
+        k = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
+        k = re.sub(r"mid_block\.resnets\.(\d)", lambda m: f"mid.block_{int(m[1]) + 1}", k)
+        if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", k):
+            k = f"{m[1]}.mid.attn_1.{VAE_ATTN.get(m[2], m[2])}.{m[3]}"
+            if v.ndim == 2:
+                v = v[:, :, None, None]
+        k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets", r"encoder.down.\1.block", k)
+        k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample", k)
+        k = re.sub(r"decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)",
+                   lambda m: f"decoder.up.{levels - 1 - int(m[1])}.{'block' if m[2] == 'resnets' else 'upsample'}", k)
+        out[k] = v
+    return out
+
+
+# ---------------------------------------------------------------- the two layouts
+
+@dataclass
+class Checkpoint:
+    """What a source holds, in our (single-file) names, before any model is built."""
+    family: str                                   # "sd15", "sd15_inpaint" or "sdxl"
+    unet: tuple[UNetConfig, StateDict]
+    vae: tuple[VAEConfig, StateDict]
+    text_encoders: list[tuple[CLIPConfig, StateDict]]
+    tokenizer_dir: Path | None = None             # None: the vocabulary shipped with sd
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    scheduler_class: str | None = None            # diffusers class named by the folder, if any
+    sample_size: int | None = None                # default image side in pixels
+
+
+def detect_family(unet_sd: StateDict) -> str:
+    if "label_emb.0.0.weight" in unet_sd:
+        return "sdxl"
+    return "sd15_inpaint" if unet_sd["input_blocks.0.0.weight"].shape[1] == 9 else "sd15"
+
+
+def read_single_file(path: Path, device="cpu", dtype=None) -> Checkpoint:
+    sd = read_safetensors(path, device, dtype)
+    unet = split_prefix(sd, "model.diffusion_model.")
+    if not unet:
+        raise CheckpointError(f"{path}: no `model.diffusion_model.*` tensors: not a Stable Diffusion single-file "
+                              "checkpoint (a UNet-only file goes to `unet=`)")
+    family = detect_family(unet)
+    if family == "sdxl":
+        raise CheckpointError(f"{path}: SDXL single files are not supported yet")
+    text = split_prefix(sd, "cond_stage_model.transformer.")
+    text = {k.removeprefix("text_model."): v for k, v in text.items()}
+    vae = split_prefix(sd, "first_stage_model.")
+    for what, part in (("text encoder (cond_stage_model.transformer.*)", text), ("VAE (first_stage_model.*)", vae)):
+        if not part:
+            raise CheckpointError(f"{path}: no {what} tensors in this file")
+    return Checkpoint(family, (unet_config_from_weights(unet, family), unet),
+                      (vae_config_from_weights(vae, family), vae), [(clip_config_from_weights(text), text)],
+                      sample_size=1024 if family == "sdxl" else 512)
+
+
+def read_component(folder: Path, names: tuple[str, ...], device, dtype) -> StateDict:
+    """`folder/name` for the first of `names` present (fp32 first, then `.fp16` variants);
+    a sharded `*.index.json` is followed to its shards."""
+    for name in names:
+        for candidate in (name, name.replace(".safetensors", ".fp16.safetensors")):
+            path = folder / candidate
+            if path.is_file():
+                return read_safetensors(path, device, dtype)
+            index = folder / (candidate + ".index.json")
+            if index.is_file():
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+                return {k: v for shard in shards for k, v in read_safetensors(folder / shard, device, dtype).items()}
+    raise CheckpointError(f"{folder}: no weights found (looked for {', '.join(names)} and .fp16 variants, "
+                          "in safetensors format)")
+
+
+def unet_config_from_diffusers(c: dict) -> UNetConfig:
+    levels = len(c["block_out_channels"])
+    per_level = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * levels  # noqa: E731
+    heads = per_level(c.get("num_attention_heads") or c.get("attention_head_dim", 8))
+    layers = per_level(c.get("transformer_layers_per_block", 1))
+    mc = c["block_out_channels"][0]
+    return UNetConfig(
+        in_channels=c.get("in_channels", 4), out_channels=c.get("out_channels", 4), model_channels=mc,
+        channel_mult=tuple(ch // mc for ch in c["block_out_channels"]), num_res_blocks=c.get("layers_per_block", 2),
+        transformer_depth=tuple(n if "CrossAttn" in t else 0 for n, t in zip(layers, c["down_block_types"])),
+        mid_transformer_depth=layers[-1], heads=heads, context_dim=c.get("cross_attention_dim", 768),
+        linear_proj=c.get("use_linear_projection", False), norm_groups=c.get("norm_num_groups", 32),
+        adm_in_channels=c.get("projection_class_embeddings_input_dim") if c.get("addition_embed_type") else None)
+
+
+def vae_config_from_diffusers(c: dict) -> VAEConfig:
+    ch = c["block_out_channels"][0]
+    return VAEConfig(channels=ch, channel_mult=tuple(b // ch for b in c["block_out_channels"]),
+                     num_res_blocks=c.get("layers_per_block", 2), latent_channels=c.get("latent_channels", 4),
+                     image_channels=c.get("in_channels", 3), norm_groups=c.get("norm_num_groups", 32),
+                     scaling_factor=c.get("scaling_factor", 0.18215))
+
+
+def clip_config_from_diffusers(c: dict) -> CLIPConfig:
+    return CLIPConfig(vocab_size=c.get("vocab_size", 49408), max_positions=c.get("max_position_embeddings", 77),
+                      width=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
+                      mlp_width=c["intermediate_size"], act=c.get("hidden_act", "quick_gelu"),
+                      eps=c.get("layer_norm_eps", 1e-5))
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing (every component of a diffusers folder has one)") from None
+
+
+def read_diffusers_folder(folder: Path, device="cpu", dtype=None) -> Checkpoint:
+    unet_cfg = _json(folder / "unet" / "config.json")
+    if unet_cfg.get("addition_embed_type"):
+        raise CheckpointError(f"{folder}: SDXL folders are not supported yet")
+    unet = unet_from_diffusers(read_component(folder / "unet", ("diffusion_pytorch_model.safetensors",), device, dtype))
+    vae = vae_from_diffusers(read_component(folder / "vae", ("diffusion_pytorch_model.safetensors",), device, dtype))
+    text = read_component(folder / "text_encoder", ("model.safetensors",), device, dtype)
+    text = {k.removeprefix("text_model."): v for k, v in text.items() if not SKIPPED.search(k)}
+    sched_path = folder / "scheduler" / "scheduler_config.json"
+    sched = _json(sched_path) if sched_path.is_file() else {}
+    vae_cfg = _json(folder / "vae" / "config.json")
+    tokenizer_dir = folder / "tokenizer"
+    return Checkpoint(
+        detect_family(unet), (unet_config_from_diffusers(unet_cfg), unet), (vae_config_from_diffusers(vae_cfg), vae),
+        [(clip_config_from_diffusers(_json(folder / "text_encoder" / "config.json")), text)],
+        tokenizer_dir=tokenizer_dir if (tokenizer_dir / "vocab.json").is_file() else None,
+        schedule=ScheduleConfig.from_diffusers(sched), scheduler_class=sched.get("_class_name"),
+        sample_size=(unet_cfg.get("sample_size") or 64) * 2 ** (len(vae_cfg["block_out_channels"]) - 1))
