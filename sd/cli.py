@@ -1,0 +1,98 @@
+"""Command line: `sd generate PROMPT -o out.png --model SOURCE [options]`."""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from . import SAMPLERS
+
+DEFAULT_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
+DOWNLOAD_HINT = (f"Download {DEFAULT_CHECKPOINT} from https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5 "
+                 "into {dir}/ (or set SD_WEIGHTS_DIR), or pass --model with a .safetensors file or a diffusers folder.")
+
+
+def weights_dir() -> Path:
+    return Path(os.environ.get("SD_WEIGHTS_DIR", "weights"))
+
+
+class ProgressBar:
+    """One line on stderr, redrawn in place: `step 7/20 [#######.............] 1.9 it/s`."""
+
+    def __init__(self, stream=None, width: int = 30):
+        self.stream, self.width, self.start = stream or sys.stderr, width, time.perf_counter()
+
+    def __call__(self, done: int, total: int):
+        filled = self.width * done // total
+        rate = done / max(time.perf_counter() - self.start, 1e-9)
+        self.stream.write(f"\rstep {done}/{total} [{'#' * filled}{'.' * (self.width - filled)}] {rate:.1f} it/s")
+        if done == total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def png_metadata(settings: dict, model: str):
+    """Settings as a JSON text chunk ("sd") and in the one-line "parameters" form other tools read."""
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text("sd", json.dumps({**settings, "model": model}))
+    line = (f"{settings['prompt']}\nNegative prompt: {settings['negative_prompt'] or ''}\n"
+            f"Steps: {settings['num_steps']}, Sampler: {settings['sampler']}, CFG scale: {settings['guidance']}, "
+            f"Seed: {settings['seed']}, Size: {settings['width']}x{settings['height']}, Model: {model}")
+    info.add_text("parameters", line)
+    return info
+
+
+def cmd_generate(args) -> int:
+    import sd
+    model = args.model or str(weights_dir() / DEFAULT_CHECKPOINT)
+    if not Path(model).exists():
+        print(f"error: no weights at {model}.\n" + DOWNLOAD_HINT.format(dir=weights_dir()), file=sys.stderr)
+        return 2
+    print(f"loading {model}", file=sys.stderr)
+    pipe = sd.load(model, device=args.device, dtype=args.dtype)
+    image = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
+                          num_steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
+                          progress=ProgressBar())
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out, pnginfo=png_metadata(pipe.last_settings, model))
+    print(f"wrote {out} (seed {pipe.last_settings['seed']})", file=sys.stderr)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="sd", description="Stable Diffusion in plain PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="make an image from a prompt")
+    g.add_argument("prompt")
+    g.add_argument("-o", "--output", default="out.png", help="PNG to write (default: out.png)")
+    g.add_argument("--model", help=f"a .safetensors checkpoint or a diffusers folder "
+                                   f"(default: $SD_WEIGHTS_DIR/{DEFAULT_CHECKPOINT}, SD_WEIGHTS_DIR=./weights)")
+    g.add_argument("--negative-prompt")
+    g.add_argument("--width", type=int)
+    g.add_argument("--height", type=int)
+    g.add_argument("--steps", type=int, help="sampling steps (default 50)")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale; > 1 enables it (default 7.5)")
+    g.add_argument("--seed", type=int, help="random seed (default: random, recorded in the PNG)")
+    g.add_argument("--sampler", choices=SAMPLERS, help="default: the model's scheduler, else euler")
+    g.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="default: float16 on CUDA, float32 elsewhere")
+    g.set_defaults(run=cmd_generate)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError) as e:  # bad input or a checkpoint that doesn't fit: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Loading: the official key sets at full size (meta device), family detection, the diffusers
+name table, and the errors a user sees for files that are broken or don't fit."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import sd
+from sd.clip import CLIP_L, CLIPTextModel
+from sd.unet import SD15, SD15_INPAINT, UNet
+from sd.vae import VAE_SD15, AutoencoderKL
+from sd.weights import (CheckpointError, build, read_safetensors, single_file_checkpoint, unet_from_diffusers,
+                        vae_from_diffusers)
+
+KEYS = Path(__file__).parent / "data" / "checkpoint-keys"
+# The junk real single files carry next to the model tensors; the loader must skip all of it.
+JUNK = {"cond_stage_model.transformer.text_model.embeddings.position_ids": [1, 77], "alphas_cumprod": [1000],
+        "betas": [1000], "logit_scale": [], "model_ema.decay": [], "model_ema.num_updates": [],
+        "model_ema.diffusion_modelinput_blocks00weight": [320, 4, 3, 3], "posterior_variance": [1000]}
+
+
+def meta_tensors(*files: str, extra: dict | None = None) -> dict[str, torch.Tensor]:
+    """Shape-only tensors for every `key<TAB>shape<TAB>dtype` line of the listed key files."""
+    out = {}
+    for name in files:
+        for line in (KEYS / name).read_text().splitlines():
+            key, shape, _ = line.split("\t")
+            out[key] = torch.empty(eval(shape), device="meta")
+    for key, shape in (extra or {}).items():
+        out[key] = torch.empty(shape, device="meta")
+    return out
+
+
+@pytest.mark.parametrize("unet_keys,family,preset", [
+    ("ldm_sd15_unet.txt", "sd15", SD15),
+    ("ldm_sd15_inpaint_unet.txt", "sd15_inpaint", SD15_INPAINT),
+])
+def test_single_file_full_size_consumes_exactly_the_official_keys(unet_keys, family, preset):
+    state = meta_tensors(unet_keys, "ldm_vae.txt", "ldm_clip_l_sd15.txt", extra=JUNK)
+    ckpt = single_file_checkpoint(state, "meta")
+    assert ckpt.family == family
+    (unet_cfg, unet_sd), (vae_cfg, vae_sd), [(clip_cfg, clip_sd)] = ckpt.unet, ckpt.vae, ckpt.text_encoders
+    assert (unet_cfg, vae_cfg, clip_cfg) == (preset, VAE_SD15, CLIP_L)  # configs read off the shapes = presets
+    # build() is strict: every model parameter must come from the file and every tensor must be used.
+    models = [build(UNet, unet_cfg, unet_sd, "UNet", "meta"), build(AutoencoderKL, vae_cfg, vae_sd, "VAE", "meta"),
+              build(CLIPTextModel, clip_cfg, clip_sd, "text encoder", "meta")]
+    consumed = {p + k for p, m in zip(("model.diffusion_model.", "first_stage_model.",
+                                       "cond_stage_model.transformer.text_model."), models) for k in m.state_dict()}
+    assert consumed == set(state) - set(JUNK)
+    assert all(p.device.type == "meta" for m in models for p in m.parameters())  # nothing allocated
+
+
+@pytest.mark.parametrize("diffusers_keys,ldm_keys,preset", [
+    ("diffusers_sd15_unet.txt", "ldm_sd15_unet.txt", SD15),
+    ("diffusers_sd15_inpaint_unet.txt", "ldm_sd15_inpaint_unet.txt", SD15_INPAINT),
+])
+def test_diffusers_unet_names_map_onto_the_official_keys(diffusers_keys, ldm_keys, preset):
+    renamed = unet_from_diffusers(meta_tensors(diffusers_keys))
+    official = {k.removeprefix("model.diffusion_model."): v for k, v in meta_tensors(ldm_keys).items()}
+    assert {k: tuple(v.shape) for k, v in renamed.items()} == {k: tuple(v.shape) for k, v in official.items()}
+    build(UNet, preset, renamed, "UNet", "meta")
+
+
+@pytest.mark.parametrize("diffusers_keys", ["diffusers_vae.txt", "diffusers_sdxl_vae.txt"])
+def test_diffusers_vae_names_map_onto_the_official_keys(diffusers_keys):
+    renamed = vae_from_diffusers(meta_tensors(diffusers_keys))
+    official = {k.removeprefix("first_stage_model."): v for k, v in meta_tensors("ldm_vae.txt").items()}
+    assert {k: tuple(v.shape) for k, v in renamed.items()} == {k: tuple(v.shape) for k, v in official.items()}
+    build(AutoencoderKL, VAE_SD15, renamed, "VAE", "meta")
+
+
+def test_old_diffusers_vae_attention_names():
+    """Old diffusers VAEs call the mid attention query/key/value/proj_attn."""
+    new = meta_tensors("diffusers_vae.txt")
+    old = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value").replace("to_out.0", "proj_attn"): v
+           for k, v in new.items()}
+    assert set(vae_from_diffusers(old)) == set(vae_from_diffusers(new))
+
+
+def test_diffusers_clip_keys_are_ours_after_the_text_model_prefix():
+    ours = {k: tuple(v.shape) for k, v in CLIPTextModel(CLIP_L).to("meta").state_dict().items()}
+    listed = {k.removeprefix("text_model."): tuple(v.shape) for k, v in meta_tensors("diffusers_clip_l.txt").items()
+              if not k.endswith("position_ids")}
+    assert listed == ours
+
+
+def test_missing_unexpected_and_misshapen_keys_are_named():
+    state = meta_tensors("ldm_sd15_unet.txt", "ldm_vae.txt", "ldm_clip_l_sd15.txt")
+    unet_sd = single_file_checkpoint(state, "x").unet[1]
+    del unet_sd["out.2.bias"]
+    unet_sd["input_blocks.1.1.surprise.weight"] = torch.empty(3, device="meta")
+    unet_sd["time_embed.0.bias"] = torch.empty(7, device="meta")
+    with pytest.raises(CheckpointError) as e:
+        build(UNet, SD15, unet_sd, "UNet", "model.safetensors")
+    msg = str(e.value)
+    assert "model.safetensors" in msg and "UNet" in msg
+    assert "missing keys (1): out.2.bias" in msg
+    assert "unexpected keys (1): input_blocks.1.1.surprise.weight" in msg
+    assert "time_embed.0.bias: file (7,), model (1280,)" in msg
+
+
+def test_not_safetensors_and_truncated_files(tmp_path):
+    junk = tmp_path / "model.ckpt"
+    junk.write_bytes(b"PK\x03\x04 this is a zip pickle, not safetensors" * 10)
+    with pytest.raises(CheckpointError, match=r"model\.ckpt.*not a safetensors file"):
+        read_safetensors(junk)
+    good = tmp_path / "good.safetensors"
+    save_file({"a": torch.ones(1000), "b": torch.zeros(10)}, str(good))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(good.read_bytes()[:-500])
+    with pytest.raises(CheckpointError, match=r"cut\.safetensors.*truncated"):
+        read_safetensors(cut)
+    with pytest.raises(FileNotFoundError, match="nowhere.safetensors"):
+        read_safetensors(tmp_path / "nowhere.safetensors")
+
+
+def test_reads_straight_into_the_requested_dtype(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({"f": torch.randn(4, 4, dtype=torch.float16), "i": torch.arange(3)}, str(path))
+    out = read_safetensors(path, dtype=torch.float32)
+    assert out["f"].dtype == torch.float32 and out["i"].dtype == torch.int64  # integers keep their type
+
+
+def test_a_file_without_a_unet_or_a_folder_without_model_index(tmp_path):
+    path = tmp_path / "vae_only.safetensors"
+    save_file({"first_stage_model.quant_conv.weight": torch.zeros(8, 8, 1, 1)}, str(path))
+    with pytest.raises(CheckpointError, match="no `model.diffusion_model"):
+        sd.load(path, device="cpu")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(FileNotFoundError, match="model_index.json"):
+        sd.load(tmp_path / "folder", device="cpu")
+    with pytest.raises(FileNotFoundError, match="huggingface.co"):
+        sd.load(tmp_path / "missing.safetensors", device="cpu")
