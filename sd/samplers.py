@@ -84,7 +84,30 @@ def sample_dpmpp_2m(model: Denoiser, x, sigmas, progress: Progress = None, **_):
     return x
 
 
+@torch.no_grad()
+def sample_plms(model: Denoiser, x, sigmas, progress: Progress = None, **_):
+    """PLMS / PNDM without Runge-Kutta warm-up (Liu et al. 2022; diffusers' PNDMScheduler with
+    skip_prk_steps): Adams-Bashforth on the noise prediction, a Heun step to start."""
+    AB = {1: (1,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+    history = []  # noise predictions eps = (x - x0) / sigma, newest last
+    n = len(sigmas) - 1
+    for i in range(n):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        eps = (x - model(x, s)) / s
+        history = (history + [eps])[-4:]
+        if i == 0 and n > 1:
+            # Heun: average with the prediction at the Euler estimate of the next point.
+            x_euler = x + eps * (s_next - s)
+            eps = (eps + (x_euler - model(x_euler, s_next)) / s_next) / 2
+        else:
+            eps = sum(c * e for c, e in zip(AB[len(history)], reversed(history)))
+        x = x + eps * (s_next - s)
+        _report(progress, i, n)
+    return x
+
+
 SAMPLER_FUNCTIONS = {
+    "plms": sample_plms,
     "ddim": sample_ddim,
     "euler": sample_euler,
     "euler_a": sample_euler_ancestral,

@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras")
+SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "plms")
 
 # diffusers scheduler class -> our sampler, for a folder's scheduler_config.json.
 SCHEDULER_CLASSES = {
@@ -18,6 +18,7 @@ SCHEDULER_CLASSES = {
     "EulerDiscreteScheduler": "euler",
     "EulerAncestralDiscreteScheduler": "euler_a",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
+    "PNDMScheduler": "plms",  # SD 1.5's default; we run its PLMS form (skip_prk_steps, as SD's config sets)
 }
 
 
@@ -116,7 +117,7 @@ def _schedule(timesteps, sigmas, last_sigma, noise_scale, vp):
 
 
 def ddim_schedule(cfg: ScheduleConfig, n: int) -> Schedule:
-    """DDIMScheduler's timesteps. Each step lands on the next scheduled timestep; diffusers
+    """DDIMScheduler's and PNDMScheduler's timesteps. Each step lands on the next scheduled timestep; diffusers
     lands on t - T//n instead, which is the same timestep for the "leading" spacing SD uses."""
     table = train_sigmas(cfg)
     t = spaced_timesteps(cfg, n, integer=True).astype(np.int64)
@@ -159,7 +160,7 @@ def dpm_schedule(cfg: ScheduleConfig, n: int, karras: bool = False) -> Schedule:
 def make_schedule(sampler: str, cfg: ScheduleConfig, n: int) -> Schedule:
     if n < 1:
         raise ValueError(f"num_steps: must be at least 1, got {n}")
-    if sampler == "ddim":
+    if sampler in ("ddim", "plms"):
         return ddim_schedule(cfg, n)
     if sampler in ("euler", "euler_a"):
         return euler_schedule(cfg, n)
