@@ -55,8 +55,8 @@ def alphas_cumprod(cfg: ScheduleConfig) -> torch.Tensor:
 
 def train_sigmas(cfg: ScheduleConfig) -> np.ndarray:
     """(T,) float32 sigma of every training timestep, ascending."""
-    ac = alphas_cumprod(cfg).numpy()
-    return ((1 - ac) / ac) ** 0.5
+    ac = alphas_cumprod(cfg)
+    return (((1 - ac) / ac) ** 0.5).numpy()  # in torch, as diffusers: numpy's power can differ in the last bit
 
 
 def sigma_to_t(sigma: np.ndarray, table: np.ndarray) -> np.ndarray:
@@ -72,6 +72,7 @@ def sigma_to_t(sigma: np.ndarray, table: np.ndarray) -> np.ndarray:
 def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
     """Karras et al. 2022, eq. 5: steps evenly spaced in sigma^(1/rho)."""
     ramp = np.linspace(0, 1, n)
+    sigma_min, sigma_max = float(sigma_min), float(sigma_max)  # float64 math, as diffusers
     return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
@@ -121,7 +122,9 @@ def ddim_schedule(cfg: ScheduleConfig, n: int) -> Schedule:
     lands on t - T//n instead, which is the same timestep for the "leading" spacing SD uses."""
     table = train_sigmas(cfg)
     t = spaced_timesteps(cfg, n, integer=True).astype(np.int64)
-    last = 0.0 if cfg.set_alpha_to_one else table[0]
+    # The last step lands on t - T//n (t=0 when n > T/2), or past the start of the schedule.
+    prev = t[-1] - cfg.num_train_timesteps // n
+    last = table[prev] if prev >= 0 else (0.0 if cfg.set_alpha_to_one else table[0])
     return _schedule(t, table[t], last, (1 + table[t[0]] ** 2) ** 0.5, vp=True)
 
 

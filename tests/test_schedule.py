@@ -1,0 +1,391 @@
+"""sd.schedule against diffusers' schedulers built from the same settings.
+
+diffusers is the oracle here: for each sampler we build the matching scheduler with every
+setting passed explicitly (DESIGN.md pitfall: a scheduler built in memory remembers which
+settings were defaults, and `from_config` then swaps in the class's own defaults), call
+`set_timesteps(n)` and compare what `sd.schedule.make_schedule` returns:
+
+- timesteps: exactly, as float32 (what the UNet is told);
+- sigmas: rtol 1e-6 (a few float32 ulps: np.interp vs torch arithmetic; the training table
+  and the Karras sigmas are asserted bit for bit at the bottom);
+- noise_scale: diffusers' `init_noise_sigma`, expressed in sigma space.
+"""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+)
+
+from sd.schedule import (
+    SAMPLERS,
+    ScheduleConfig,
+    alphas_cumprod,
+    make_schedule,
+    sigma_to_t,
+    train_sigmas,
+)
+
+SPACINGS = ("leading", "trailing", "linspace")
+BETAS = ("scaled_linear", "linear")
+# 7 and 61: T % n != 0 (for "trailing", n = 61 even gives 62 timesteps, in both).
+STEPS = (1, 2, 4, 7, 8, 20, 25, 50, 61)
+# (sampler, use_karras_sigmas in ScheduleConfig)
+KINDS = [("ddim", False), ("euler", False), ("euler", True), ("euler_a", False),
+         ("dpmpp_2m", False), ("dpmpp_2m", True), ("dpmpp_2m_karras", False)]
+KIND_IDS = [s + ("+karras" if k else "") for s, k in KINDS]
+
+
+def diffusers_scheduler(sampler: str, cfg: ScheduleConfig):
+    """The diffusers scheduler `sampler` stands for, every setting explicit."""
+    common = dict(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule=cfg.beta_schedule,
+        trained_betas=None,
+        prediction_type=cfg.prediction_type,
+        timestep_spacing=cfg.timestep_spacing,
+        steps_offset=cfg.steps_offset,
+        rescale_betas_zero_snr=False,
+    )
+    if sampler == "ddim":
+        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=cfg.set_alpha_to_one,
+                             thresholding=False)
+    if sampler == "euler":
+        return EulerDiscreteScheduler(**common, use_karras_sigmas=cfg.use_karras_sigmas,
+                                      interpolation_type="linear", timestep_type="discrete",
+                                      final_sigmas_type="zero")
+    if sampler == "euler_a":
+        return EulerAncestralDiscreteScheduler(**common)
+    if sampler in ("dpmpp_2m", "dpmpp_2m_karras"):
+        return DPMSolverMultistepScheduler(
+            **common, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+            lower_order_final=True, euler_at_final=False, final_sigmas_type="zero",
+            use_karras_sigmas=cfg.use_karras_sigmas or sampler == "dpmpp_2m_karras",
+            thresholding=False)
+    if sampler == "plms":  # SD 1.5's own scheduler, in the PLMS form SD's config selects
+        return PNDMScheduler(
+            num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
+            beta_schedule=cfg.beta_schedule, trained_betas=None, skip_prk_steps=True,
+            set_alpha_to_one=cfg.set_alpha_to_one, prediction_type=cfg.prediction_type,
+            timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
+    raise AssertionError(sampler)
+
+
+def sd15(**kw) -> ScheduleConfig:
+    """SD 1.5's scheduler settings (explicit, so the test does not lean on sd's defaults)."""
+    base = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
+                prediction_type="epsilon", timestep_spacing="leading", use_karras_sigmas=False)
+    return ScheduleConfig(**{**base, **kw})
+
+
+def pair(sampler, cfg, n):
+    ours = make_schedule(sampler, cfg, n)
+    ref = diffusers_scheduler(sampler, cfg)
+    ref.set_timesteps(n)
+    return ours, ref
+
+
+def ddim_sigma(ac: torch.Tensor, t) -> torch.Tensor:
+    """sigma of DDIM's alpha_cumprod at integer timestep(s) t, float32."""
+    a = ac[t]
+    return ((1 - a) / a) ** 0.5
+
+
+# --- the training schedule ------------------------------------------------------------
+
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear"])
+@pytest.mark.parametrize("cls", [DDIMScheduler, EulerDiscreteScheduler, DPMSolverMultistepScheduler])
+def test_alphas_cumprod(beta_schedule, cls):
+    cfg = sd15(beta_schedule=beta_schedule)
+    ref = cls(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule=beta_schedule)
+    ours = alphas_cumprod(cfg)
+    assert ours.dtype == torch.float32 and ours.shape == (1000,)
+    assert torch.equal(ours, ref.alphas_cumprod)
+
+
+@pytest.mark.parametrize("beta_schedule", ["scaled_linear", "linear"])
+def test_train_sigmas(beta_schedule):
+    cfg = sd15(beta_schedule=beta_schedule)
+    ac = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule=beta_schedule).alphas_cumprod
+    ours = train_sigmas(cfg)
+    assert ours.dtype == np.float32 and ours.shape == (1000,)
+    assert np.all(np.diff(ours) > 0), "ascending"
+    np.testing.assert_array_equal(ours, ddim_sigma(ac, slice(None)).numpy())
+
+
+def test_sigma_to_t_matches_diffusers():
+    """sd.schedule.sigma_to_t (vectorised) vs EulerDiscreteScheduler._sigma_to_t (per sigma)."""
+    cfg = sd15()
+    ref = diffusers_scheduler("euler", cfg)
+    table = train_sigmas(cfg)
+    # Both sides interpolate the same table here, so the results must agree to the last bit.
+    log_table = np.log(table)
+    sig = np.concatenate([np.geomspace(1e-3, 30, 97), table[[0, 1, 500, 998, 999]].astype(np.float64)])
+    ours = sigma_to_t(sig, table)
+    theirs = np.array([ref._sigma_to_t(s, log_table) for s in sig])
+    np.testing.assert_array_equal(ours, theirs)
+    assert ours.min() == 0 and ours.max() == 999, "clamped to the table outside its range"
+
+
+# --- timesteps --------------------------------------------------------------------------
+# Step counts loop inside the tests (a parameter each would cost more in pytest than the checks).
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("sampler,karras", KINDS, ids=KIND_IDS)
+def test_timesteps(sampler, karras, spacing):
+    for beta_schedule, n in itertools.product(BETAS, STEPS):
+        cfg = sd15(timestep_spacing=spacing, use_karras_sigmas=karras, beta_schedule=beta_schedule)
+        ours, ref = pair(sampler, cfg, n)
+        msg = f"{beta_schedule}, n={n}"
+        assert ours.timesteps.dtype == torch.float32
+        theirs = ref.timesteps.to(torch.float32)
+        assert ours.timesteps.shape == theirs.shape, msg
+        assert torch.equal(ours.timesteps, theirs), (msg, ours.timesteps, theirs)
+
+
+def test_lightning_trailing_timesteps():
+    """DESIGN.md: "trailing" spacing gives [999, 749, 499, 249] for 4 steps."""
+    sched = make_schedule("euler", sd15(timestep_spacing="trailing"), 4)
+    assert sched.timesteps.tolist() == [999, 749, 499, 249]
+
+
+# --- sigmas -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("sampler,karras", [k for k in KINDS if k[0] != "ddim"],
+                         ids=[i for i in KIND_IDS if i != "ddim"])
+def test_sigmas_k_diffusion_family(sampler, karras, spacing):
+    """Euler, Euler ancestral and DPM-Solver++ keep `sigmas` (n+1, last 0) as sd does."""
+    for beta_schedule, n in itertools.product(BETAS, STEPS):
+        cfg = sd15(timestep_spacing=spacing, use_karras_sigmas=karras, beta_schedule=beta_schedule)
+        ours, ref = pair(sampler, cfg, n)
+        msg = f"{beta_schedule}, n={n}"
+        assert ours.sigmas.dtype == torch.float32
+        assert ours.sigmas.shape == (len(ours.timesteps) + 1,), msg
+        assert ours.sigmas[-1] == 0 and ref.sigmas[-1] == 0
+        assert torch.all(ours.sigmas[:-1] > 0), msg
+        torch.testing.assert_close(ours.sigmas, ref.sigmas, rtol=1e-6, atol=0, msg=msg)
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+def test_sigmas_ddim(spacing, set_alpha_to_one):
+    """DDIMScheduler has no sigmas: compare sigma = sqrt((1 - a) / a) at each timestep, and the
+    final sigma: 0 with set_alpha_to_one, else sigma(t=0) (diffusers' final_alpha_cumprod).
+
+    diffusers' last step lands on the final alpha only when t_last - T//n < 0: always for
+    "leading" with n <= T/2 and "linspace", not for "trailing" with T % n != 0 (there it lands
+    on t=0; that whole loop differs by design, test_ddim_landing_sigma_other_spacings) nor
+    for "leading" with n > T/2 (there both land on t=0: test_ddim_landing_sigma_leading_many_steps)."""
+    for beta_schedule, n in itertools.product(BETAS, STEPS):
+        cfg = sd15(timestep_spacing=spacing, set_alpha_to_one=set_alpha_to_one, beta_schedule=beta_schedule)
+        ours, ref = pair("ddim", cfg, n)
+        msg = f"{beta_schedule}, n={n}"
+        assert ours.sigmas.shape == (len(ref.timesteps) + 1,), msg
+        torch.testing.assert_close(ours.sigmas[:-1], ddim_sigma(ref.alphas_cumprod, ref.timesteps),
+                                   rtol=1e-6, atol=0, msg=msg)
+        if ref.timesteps[-1] - cfg.num_train_timesteps // n >= 0:
+            assert spacing == "trailing" and cfg.num_train_timesteps % n != 0
+            continue
+        final = ((1 - ref.final_alpha_cumprod) / ref.final_alpha_cumprod) ** 0.5
+        if set_alpha_to_one:
+            assert ours.sigmas[-1] == 0 and final == 0
+        else:
+            torch.testing.assert_close(final, ddim_sigma(ref.alphas_cumprod, 0), rtol=1e-6, atol=0)
+            torch.testing.assert_close(ours.sigmas[-1], final, rtol=1e-6, atol=0, msg=msg)
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+@pytest.mark.parametrize("steps_offset", [0, 1])
+def test_ddim_landing_sigma_leading(set_alpha_to_one, steps_offset):
+    """diffusers' DDIM step goes from t to t - T//n; sd's lands on the next scheduled timestep.
+    With "leading" spacing (SD's) those are the same timestep, so the whole DDIM loop agrees."""
+    cfg = sd15(timestep_spacing="leading", set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset)
+    for n in STEPS + (500,):
+        ours, ref = pair("ddim", cfg, n)
+        ac, T = ref.alphas_cumprod, cfg.num_train_timesteps
+        prev = ref.timesteps - T // n  # DDIMScheduler.step's prev_timestep
+        a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], ref.final_alpha_cumprod)
+        landing = ((1 - a_prev) / a_prev) ** 0.5
+        torch.testing.assert_close(ours.sigmas[1:], landing, rtol=1e-6, atol=0, msg=f"n={n}")
+
+
+def test_ddim_landing_sigma_leading_many_steps():
+    """With steps_offset=1 and n > T/2, T//n == 1: the last step goes from t=1 to t=0 and lands
+    on sigma(t=0) even with set_alpha_to_one."""
+    cfg = sd15(timestep_spacing="leading", set_alpha_to_one=True, steps_offset=1)
+    ours, ref = pair("ddim", cfg, 600)
+    assert ref.timesteps[-1] == 1 and 1 - cfg.num_train_timesteps // 600 == 0
+    torch.testing.assert_close(ours.sigmas[-1], ddim_sigma(ref.alphas_cumprod, 0), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
+@pytest.mark.parametrize("n", [1, 3, 4, 7, 25, 61])
+def test_ddim_landing_sigma_other_spacings(spacing, n):
+    """By design (sd/schedule.py, ddim_schedule) sd's DDIM lands each step on the next scheduled
+    timestep: one sigma list that a functional sampler can run. diffusers lands on t - T//n and
+    then starts the next step from the next scheduled timestep anyway. For "trailing" with n
+    dividing T (and for n = 1) the two rules pick the same timesteps; otherwise ("linspace",
+    "trailing" with T % n != 0) the loops differ, and test_samplers checks DDIM parity only where
+    they agree. This test pins down both rules, so a change on either side shows up."""
+    cfg = sd15(timestep_spacing=spacing)
+    ours, ref = pair("ddim", cfg, n)
+    ac, T = ref.alphas_cumprod, cfg.num_train_timesteps
+    ts = ref.timesteps.tolist()
+    # sd: every intermediate landing sigma is the next scheduled timestep's sigma.
+    torch.testing.assert_close(ours.sigmas[1:-1], ddim_sigma(ac, ref.timesteps[1:]), rtol=1e-6, atol=0)
+    # diffusers: t - T//n (below 0: the final alpha).
+    same = all(t - T // n == t_next for t, t_next in zip(ts, ts[1:])) and ts[-1] - T // n < 0
+    assert same == (n == 1 or (spacing == "trailing" and T % n == 0))
+
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_plms_schedule(spacing):
+    """PLMS runs on DDIM's schedule. PNDMScheduler(skip_prk_steps=True) lists n + 1 timesteps,
+    the second one twice (its Heun start evaluates there, then steps from there); sd's Schedule
+    lists each once and sample_plms makes the extra call itself."""
+    for n in STEPS:
+        cfg = sd15(timestep_spacing=spacing)
+        ours, ref = pair("plms", cfg, n)
+        ddim = make_schedule("ddim", cfg, n)
+        assert torch.equal(ours.timesteps, ddim.timesteps) and torch.equal(ours.sigmas, ddim.sigmas)
+        assert (ours.noise_scale, ours.variance_preserving) == (ddim.noise_scale, ddim.variance_preserving)
+        theirs = ref.timesteps.to(torch.float32)
+        if len(ours.timesteps) > 1:
+            assert theirs[1] == theirs[2]
+            theirs = torch.cat([theirs[:2], theirs[3:]])
+        assert torch.equal(ours.timesteps, theirs), n
+        assert ref.init_noise_sigma == 1.0
+
+
+# --- noise scale ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("spacing", SPACINGS)
+@pytest.mark.parametrize("sampler,karras", KINDS, ids=KIND_IDS)
+def test_noise_scale(sampler, karras, spacing):
+    for n in STEPS:
+        cfg = sd15(timestep_spacing=spacing, use_karras_sigmas=karras)
+        ours, ref = pair(sampler, cfg, n)
+        assert isinstance(ours.noise_scale, float)
+        if sampler in ("euler", "euler_a"):
+            # The Euler family keeps latents in sigma space, so this is init_noise_sigma itself:
+            # sigma_max for linspace/trailing and sqrt(sigma_max^2 + 1) for leading (a diffusers
+            # quirk sd reproduces). diffusers takes that sqrt in float32, sd in float64: 1e-6.
+            assert not ours.variance_preserving
+            init = float(ref.init_noise_sigma)
+            if spacing == "leading":
+                assert init == pytest.approx(math.sqrt(float(ref.sigmas.max()) ** 2 + 1), rel=1e-6)
+            else:
+                assert init == float(ref.sigmas.max())
+            assert ours.noise_scale == pytest.approx(init, rel=1e-6, abs=0), n
+        else:
+            # DDIM / DPM-Solver keep latents variance preserving (init_noise_sigma = 1); in
+            # sigma space the same noise is noise * sqrt(1 + sigma_max^2).
+            assert ours.variance_preserving
+            assert ref.init_noise_sigma == 1.0
+            if sampler == "ddim":
+                sigma_max = float(ddim_sigma(ref.alphas_cumprod, ref.timesteps[0]))
+            else:
+                sigma_max = float(ref.sigmas[0])
+            assert ours.noise_scale == pytest.approx(math.sqrt(1 + sigma_max ** 2), rel=1e-6, abs=0), n
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+def test_to_latents(set_alpha_to_one):
+    """Sigma-space result -> diffusers' latents: only DDIM with a non-zero last sigma rescales."""
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator("cpu").manual_seed(0))
+    for sampler, karras in KINDS:
+        sched = make_schedule(sampler, sd15(use_karras_sigmas=karras, set_alpha_to_one=set_alpha_to_one), 4)
+        if sampler == "ddim" and not set_alpha_to_one:
+            ac0 = alphas_cumprod(sd15())[0]
+            torch.testing.assert_close(sched.to_latents(x), x * ac0 ** 0.5, rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(sched.to_latents(x), x)
+
+
+# --- configuration ----------------------------------------------------------------------
+
+SD15_SCHEDULER_CONFIG = {  # runwayml/stable-diffusion-v1-5 scheduler/scheduler_config.json
+    "_class_name": "PNDMScheduler",
+    "_diffusers_version": "0.6.0",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+    "clip_sample": False,
+}
+
+
+def test_from_diffusers_picks_known_keys():
+    cfg = ScheduleConfig.from_diffusers(SD15_SCHEDULER_CONFIG)
+    assert cfg == sd15()
+    cfg = ScheduleConfig.from_diffusers({"timestep_spacing": "trailing", "prediction_type": "v_prediction",
+                                         "use_karras_sigmas": True, "steps_offset": 0, "whatever": [1, 2]})
+    assert (cfg.timestep_spacing, cfg.prediction_type, cfg.use_karras_sigmas, cfg.steps_offset) == \
+        ("trailing", "v_prediction", True, 0)
+    assert cfg.beta_start == 0.00085 and cfg.beta_schedule == "scaled_linear"  # untouched: defaults
+    assert ScheduleConfig.from_diffusers({}) == ScheduleConfig()
+
+
+@pytest.mark.parametrize("sampler,karras", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize("spacing", SPACINGS)
+def test_from_diffusers_scheduler_config_roundtrip(sampler, karras, spacing):
+    """A diffusers scheduler's own (complete) config read back gives the same schedule."""
+    ref = diffusers_scheduler(sampler, sd15(timestep_spacing=spacing, use_karras_sigmas=karras))
+    cfg = ScheduleConfig.from_diffusers(dict(ref.config))
+    ref.set_timesteps(20)
+    ours = make_schedule(sampler, cfg, 20)
+    torch.testing.assert_close(ours.timesteps, ref.timesteps.to(torch.float32), rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_bad_settings_name_the_field(sampler):
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        make_schedule(sampler, sd15(timestep_spacing="middle"), 4)
+    with pytest.raises(ValueError, match="beta_schedule"):
+        make_schedule(sampler, sd15(beta_schedule="cosine"), 4)
+    for n in (0, -1):
+        with pytest.raises(ValueError, match="num_steps"):
+            make_schedule(sampler, sd15(), n)
+
+
+def test_unknown_sampler_names_the_field():
+    with pytest.raises(ValueError, match="sampler"):
+        make_schedule("heun", sd15(), 4)
+
+
+# --- bit-for-bit: the training table and Karras sigmas -----------------------------------
+
+def test_train_sigmas_bitwise():
+    """torch's CPU pow(x, 0.5) differs from numpy's sqrt by one ulp at 6 of 1000 entries:
+    sd computes the table in torch, as diffusers does."""
+    cfg = sd15()
+    ac = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").alphas_cumprod
+    np.testing.assert_array_equal(train_sigmas(cfg), (((1 - ac) / ac) ** 0.5).numpy())
+
+
+def test_euler_karras_timesteps_bitwise():
+    ours, ref = pair("euler", sd15(timestep_spacing="leading", use_karras_sigmas=True), 20)
+    assert torch.equal(ours.timesteps, ref.timesteps)
+
+
+def test_dpm_karras_sigmas_bitwise():
+    """Karras sigmas computed from Python floats (float64), as diffusers does."""
+    ours, ref = pair("dpmpp_2m_karras", sd15(), 20)
+    assert torch.equal(ours.timesteps, ref.timesteps.to(torch.float32))
+    assert torch.equal(ours.sigmas, ref.sigmas)
