@@ -77,7 +77,9 @@ class Pipeline:
         denoiser = Denoiser(model, schedule, train_sigmas(self.schedule_config), self.schedule_config.prediction_type)
 
         sample = SAMPLER_FUNCTIONS[name]
-        x = sample(denoiser, x, schedule.sigmas.to(self.device), generator=generator, progress=progress)
+        landing = schedule.landing.to(self.device) if schedule.landing is not None else None
+        x = sample(denoiser, x, schedule.sigmas.to(self.device), generator=generator, landing=landing,
+                   progress=progress)
         return self.decode(schedule.to_latents(x))[0]
 
     def _unet(self, x, t, context):

@@ -38,10 +38,21 @@ def sample_euler(model: Denoiser, x, sigmas, progress: Progress = None, **_):
     return x
 
 
-def sample_ddim(model: Denoiser, x, sigmas, progress: Progress = None, **_):
+@torch.no_grad()
+def sample_ddim(model: Denoiser, x, sigmas, landing=None, progress: Progress = None, **_):
     """DDIM, eta = 0 (Song et al. 2020, eq. 12): x_prev = x0 + sigma_prev * eps, which in
-    sigma space is one Euler step (Karras et al. 2022, section 4)."""
-    return sample_euler(model, x, sigmas, progress)
+    sigma space is one Euler step (Karras et al. 2022, section 4).
+
+    `landing[i]`, when given, is where step i lands instead of sigmas[i+1]; the result is then
+    read as the latents at sigmas[i+1] (diffusers' DDIMScheduler with non-"leading" spacing)."""
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        land = s_next if landing is None else landing[i]
+        x = x + (x - model(x, s)) / s * (land - s)
+        if landing is not None:
+            x = x * ((1 + s_next ** 2) / (1 + land ** 2)) ** 0.5  # same variance-preserving latents
+        _report(progress, i, len(sigmas) - 1)
+    return x
 
 
 @torch.no_grad()

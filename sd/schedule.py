@@ -104,6 +104,7 @@ class Schedule:
     sigmas: torch.Tensor
     noise_scale: float
     variance_preserving: bool
+    landing: torch.Tensor | None = None  # DDIM only, see ddim_schedule
 
     def to_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Sampler output (sigma space) -> latents as diffusers' scheduler would return them."""
@@ -118,14 +119,20 @@ def _schedule(timesteps, sigmas, last_sigma, noise_scale, vp):
 
 
 def ddim_schedule(cfg: ScheduleConfig, n: int) -> Schedule:
-    """DDIMScheduler's and PNDMScheduler's timesteps. Each step lands on the next scheduled timestep; diffusers
-    lands on t - T//n instead, which is the same timestep for the "leading" spacing SD uses."""
+    """DDIMScheduler's and PNDMScheduler's timesteps.
+
+    diffusers steps from t to t - T//n (past t=0: the final alpha), then starts the next step
+    from the next scheduled timestep. For "leading" spacing, SD's, those are the same point;
+    for the others, `landing` holds where each DDIM step really lands (PLMS ignores it)."""
     table = train_sigmas(cfg)
     t = spaced_timesteps(cfg, n, integer=True).astype(np.int64)
-    # The last step lands on t - T//n (t=0 when n > T/2), or past the start of the schedule.
-    prev = t[-1] - cfg.num_train_timesteps // n
-    last = table[prev] if prev >= 0 else (0.0 if cfg.set_alpha_to_one else table[0])
-    return _schedule(t, table[t], last, (1 + table[t[0]] ** 2) ** 0.5, vp=True)
+    final = 0.0 if cfg.set_alpha_to_one else table[0]
+    prev = t - cfg.num_train_timesteps // n
+    landing = np.array([table[p] if p >= 0 else final for p in prev], dtype=np.float32)
+    schedule = _schedule(t, table[t], landing[-1], (1 + table[t[0]] ** 2) ** 0.5, vp=True)
+    if not np.array_equal(landing, schedule.sigmas[1:].numpy()):
+        schedule.landing = torch.from_numpy(landing)
+    return schedule
 
 
 def euler_schedule(cfg: ScheduleConfig, n: int) -> Schedule:

@@ -212,7 +212,11 @@ def detect_family(unet_sd: StateDict) -> str:
 
 
 def read_single_file(path: Path, device="cpu", dtype=None) -> Checkpoint:
-    sd = read_safetensors(path, device, dtype)
+    return single_file_checkpoint(read_safetensors(path, device, dtype), path)
+
+
+def single_file_checkpoint(sd: StateDict, path) -> Checkpoint:
+    """Split an official single-file state dict into its components, by key prefix."""
     unet = split_prefix(sd, "model.diffusion_model.")
     if not unet:
         raise CheckpointError(f"{path}: no `model.diffusion_model.*` tensors: not a Stable Diffusion single-file "

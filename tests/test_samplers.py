@@ -130,7 +130,7 @@ def run_sd(sampler, cfg, n, seed=0):
     x = noise * sched.noise_scale
     den = Denoiser(model=unet, schedule=sched, train_sigmas=train_sigmas(cfg),
                    prediction_type=cfg.prediction_type)
-    x = SAMPLER_FUNCTIONS[sampler](den, x, sched.sigmas, generator=g)
+    x = SAMPLER_FUNCTIONS[sampler](den, x, sched.sigmas, generator=g, landing=sched.landing)
     return sched.to_latents(x), unet.timesteps
 
 
@@ -209,24 +209,13 @@ def test_ddim_leading(prediction_type, set_alpha_to_one, n):
     check("ddim", cfg, n)
 
 
-@pytest.mark.parametrize("n", [1, 4, 10, 25])  # T % n == 0: both DDIM landing rules agree
+@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize("spacing", ["trailing", "linspace"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-def test_ddim_trailing_when_steps_divide_T(prediction_type, n):
-    """For "trailing" (and "linspace") sd's DDIM differs from diffusers' by design, except when
-    t - T//n is the next scheduled timestep: "trailing" with n dividing T
-    (test_schedule.py: test_ddim_landing_sigma_other_spacings)."""
-    check("ddim", sd15(prediction_type=prediction_type, timestep_spacing="trailing"), n)
-
-
-def test_ddim_linspace_differs_by_design():
-    """Documented, not a parity case: diffusers' DDIM with "linspace" lands each step on
-    t - T//n but starts the next from the next scheduled timestep, which no single sigma list
-    reproduces; sd runs the consistent schedule. Same timesteps, different latents."""
-    cfg = sd15(timestep_spacing="linspace")
-    ours, seen_ours = run_sd("ddim", cfg, 4)
-    ref, seen_ref = run_diffusers("ddim", cfg, 4)
-    assert seen_ours == seen_ref == [999.0, 666.0, 333.0, 0.0]
-    assert not torch.allclose(ours, ref, rtol=1e-3, atol=1e-3)
+def test_ddim_other_spacings(prediction_type, spacing, n):
+    """diffusers' DDIM lands each step on t - T//n, then starts the next from the next scheduled
+    timestep; sd follows it through Schedule.landing (sample_ddim rescales the latents)."""
+    check("ddim", sd15(prediction_type=prediction_type, timestep_spacing=spacing), n)
 
 
 @pytest.mark.parametrize("n", STEPS)

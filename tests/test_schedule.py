@@ -233,21 +233,20 @@ def test_ddim_landing_sigma_leading_many_steps():
 @pytest.mark.parametrize("spacing", ["trailing", "linspace"])
 @pytest.mark.parametrize("n", [1, 3, 4, 7, 25, 61])
 def test_ddim_landing_sigma_other_spacings(spacing, n):
-    """By design (sd/schedule.py, ddim_schedule) sd's DDIM lands each step on the next scheduled
-    timestep: one sigma list that a functional sampler can run. diffusers lands on t - T//n and
-    then starts the next step from the next scheduled timestep anyway. For "trailing" with n
-    dividing T (and for n = 1) the two rules pick the same timesteps; otherwise ("linspace",
-    "trailing" with T % n != 0) the loops differ, and test_samplers checks DDIM parity only where
-    they agree. This test pins down both rules, so a change on either side shows up."""
+    """diffusers' DDIM lands each step on t - T//n (below 0: the final alpha) and starts the next
+    from the next scheduled timestep. sd's Schedule.landing holds those landing sigmas whenever
+    they differ from the next step's sigma ("linspace"; "trailing" unless n divides T)."""
     cfg = sd15(timestep_spacing=spacing)
     ours, ref = pair("ddim", cfg, n)
     ac, T = ref.alphas_cumprod, cfg.num_train_timesteps
+    prev = ref.timesteps - T // n
+    a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], ref.final_alpha_cumprod)
+    landing = ((1 - a_prev) / a_prev) ** 0.5
     ts = ref.timesteps.tolist()
-    # sd: every intermediate landing sigma is the next scheduled timestep's sigma.
-    torch.testing.assert_close(ours.sigmas[1:-1], ddim_sigma(ac, ref.timesteps[1:]), rtol=1e-6, atol=0)
-    # diffusers: t - T//n (below 0: the final alpha).
     same = all(t - T // n == t_next for t, t_next in zip(ts, ts[1:])) and ts[-1] - T // n < 0
     assert same == (n == 1 or (spacing == "trailing" and T % n == 0))
+    assert (ours.landing is None) == same
+    torch.testing.assert_close(ours.sigmas[1:] if same else ours.landing, landing, rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("spacing", SPACINGS)
