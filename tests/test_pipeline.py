@@ -63,16 +63,6 @@ TEXT_WIDTH = 64
 CLIP_TINY = dict(width=TEXT_WIDTH, layers=3, heads=1, mlp_width=37)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These models are tiny: thread start-up costs more than it saves (5x slower with 2 threads on a busy
-    2-core machine). Both sides run with the same setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------- comparison
 
 def assert_same_image(ours, ref: np.ndarray, name: str) -> float:

@@ -1,0 +1,96 @@
+"""Shared helpers for the parity tests against diffusers / transformers."""
+
+import math
+
+import torch
+import torch.nn as nn
+
+NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
+
+
+@torch.no_grad()
+def randomize_params(module: nn.Module, seed: int = 0, bias_std: float = 0.05, norm_std: float = 0.1,
+                     embed_std: float = 0.5) -> nn.Module:
+    """Overwrite every parameter of `module` with seeded random values, so no layer is trivially
+    identity (or zero) and a swapped / skipped layer changes the output.
+
+    - norm layers: weight ~ 1 + N(0, norm_std), bias ~ N(0, norm_std)
+    - embeddings: N(0, embed_std)
+    - other weights (>= 2 dims): N(0, 1 / fan_in), which keeps activations O(1) through deep stacks
+    - other biases / vectors: N(0, bias_std)
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(p):
+        return torch.randn(p.shape, generator=gen, dtype=torch.float32).to(p.dtype)
+
+    done = set()
+    for mod in module.modules():
+        if isinstance(mod, NORM_TYPES):
+            if mod.weight is not None:
+                mod.weight.copy_(1.0 + norm_std * randn(mod.weight))
+                done.add(id(mod.weight))
+            if mod.bias is not None:
+                mod.bias.copy_(norm_std * randn(mod.bias))
+                done.add(id(mod.bias))
+        elif isinstance(mod, nn.Embedding):
+            mod.weight.copy_(embed_std * randn(mod.weight))
+            done.add(id(mod.weight))
+    for p in module.parameters():
+        if id(p) in done:
+            continue
+        if p.dim() >= 2:
+            fan_in = p[0].numel()
+            p.copy_(randn(p) / math.sqrt(fan_in))
+        else:
+            p.copy_(bias_std * randn(p))
+    return module
+
+
+def max_diff(ours: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    """(max |ours - ref|, that divided by max |ref|)."""
+    ours, ref = ours.detach().double(), ref.detach().double()
+    abs_diff = (ours - ref).abs().max().item()
+    return abs_diff, abs_diff / max(ref.abs().max().item(), 1e-30)
+
+
+def assert_close_scaled(ours: torch.Tensor, ref: torch.Tensor, rel: float = 1e-4, name: str = "") -> None:
+    """fp32 parity: max |ours - ref| <= rel * max |ref| (tolerance relative to the output's scale).
+    Also checks shape, dtype and finiteness, and that the reference is not degenerate."""
+    assert ours.shape == ref.shape, f"{name}: shape {tuple(ours.shape)} != {tuple(ref.shape)}"
+    assert ours.dtype == ref.dtype, f"{name}: dtype {ours.dtype} != {ref.dtype}"
+    assert torch.isfinite(ref).all() and torch.isfinite(ours).all(), f"{name}: non-finite values"
+    scale = ref.detach().abs().max().item()
+    assert scale > 1e-3, f"{name}: reference output is degenerate (max |ref| = {scale})"
+    abs_diff, rel_diff = max_diff(ours, ref)
+    report(name, abs_diff, rel_diff)
+    assert abs_diff <= rel * scale, f"{name}: max |diff| {abs_diff:.3e} > {rel:g} * max |ref| ({scale:.3e})"
+
+
+def report(name: str, abs_diff: float, rel_diff: float) -> None:
+    # Visible with `pytest -s`; handy to see how much headroom the tolerance has.
+    print(f"[parity] {name}: max abs diff {abs_diff:.3e}, relative to max |ref| {rel_diff:.3e}")
+
+
+def assert_same_norms(ours: nn.Module, ref: nn.Module, converted: dict) -> int:
+    """Check every normalisation layer of `ours` against its counterpart in `ref` (found by following
+    our norm weight through `converted`, the reference state dict built from ours): same type, eps,
+    groups and shape. Numerics at O(1) activations can't see an eps of 1e-5 vs 1e-6; this can.
+    Returns the number of norm layers checked."""
+    where = {(v.data_ptr(), tuple(v.shape)): k for k, v in converted.items()}
+    checked = 0
+    for name, mod in ours.named_modules():
+        if not isinstance(mod, NORM_TYPES):
+            continue
+        key = where[(mod.weight.data_ptr(), tuple(mod.weight.shape))]
+        assert key.endswith(".weight"), key
+        ref_mod = ref.get_submodule(key[: -len(".weight")])
+        assert type(ref_mod) is type(mod), f"{name} is {type(mod).__name__}, reference {key}: {type(ref_mod).__name__}"
+        assert mod.eps == ref_mod.eps, f"{name}: eps {mod.eps} != {ref_mod.eps} ({key})"
+        if isinstance(mod, nn.GroupNorm):
+            assert (mod.num_groups, mod.num_channels) == (ref_mod.num_groups, ref_mod.num_channels), name
+        if isinstance(mod, nn.LayerNorm):
+            assert mod.normalized_shape == ref_mod.normalized_shape, name
+        checked += 1
+    assert checked, "no norm layers found"
+    return checked
