@@ -10,7 +10,8 @@ from pathlib import Path
 from . import SAMPLERS
 
 DEFAULT_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
-DOWNLOAD_HINT = (f"Download {DEFAULT_CHECKPOINT} from https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5 "
+DOWNLOAD_HINT = (f"Download {DEFAULT_CHECKPOINT} from "
+                 "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5 "
                  "into {dir}/ (or set SD_WEIGHTS_DIR), or pass --model with a .safetensors file or a diffusers folder.")
 
 

@@ -138,7 +138,8 @@ def load(source: str | Path, *, unet: str | Path | None = None, device: str | No
                          "pass a .safetensors file or a diffusers folder")
     if path.is_dir():
         if not (path / "model_index.json").is_file():
-            raise FileNotFoundError(f"{path}: a folder source must be in the diffusers layout (model_index.json missing)")
+            raise FileNotFoundError(f"{path}: a folder source must be in the diffusers layout "
+                                    "(model_index.json missing)")
         checkpoint = read_diffusers_folder(path, device, dtype)
     elif path.is_file():
         checkpoint = read_single_file(path, device, dtype)

@@ -78,7 +78,9 @@ class Upsample(nn.Module):
 class Mid(nn.Module):
     def __init__(self, ch: int, groups: int):
         super().__init__()
-        self.block_1, self.attn_1, self.block_2 = ResnetBlock(ch, ch, groups), AttnBlock(ch, groups), ResnetBlock(ch, ch, groups)
+        self.block_1 = ResnetBlock(ch, ch, groups)
+        self.attn_1 = AttnBlock(ch, groups)
+        self.block_2 = ResnetBlock(ch, ch, groups)
 
     def forward(self, x):
         return self.block_2(self.attn_1(self.block_1(x)))

@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 
 from .clip import CLIP_L, CLIPConfig
 from .schedule import ScheduleConfig
-from .unet import SD15, SD15_INPAINT, SDXL, UNetConfig
+from .unet import SD15, SDXL, UNetConfig
 from .vae import VAE_SD15, VAE_SDXL, VAEConfig
 
 
@@ -65,7 +65,9 @@ def build(module_cls, cfg, sd: StateDict, what: str, source) -> torch.nn.Module:
              for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
     if missing or unexpected or wrong:
         def listing(label, keys):
-            return f"\n  {label} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "") if keys else ""
+            if not keys:
+                return ""
+            return f"\n  {label} ({len(keys)}): " + ", ".join(keys[:8]) + (" ..." if len(keys) > 8 else "")
         raise CheckpointError(f"{source}: the {what} weights do not fit the model"
                               + listing("missing keys", missing) + listing("unexpected keys", unexpected)
                               + listing("wrong shapes", wrong))
@@ -108,7 +110,8 @@ def vae_config_from_weights(sd: StateDict, family: str) -> VAEConfig:
     ch = sd["encoder.conv_in.weight"].shape[0]
     levels = _count(sd, r"encoder\.down\.(\d+)\.")
     return replace(preset, channels=ch, image_channels=sd["encoder.conv_in.weight"].shape[1],
-                   channel_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch for i in range(levels)),
+                   channel_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch
+                                      for i in range(levels)),
                    num_res_blocks=_count(sd, r"encoder\.down\.0\.block\.(\d+)\."),
                    latent_channels=sd["post_quant_conv.weight"].shape[0])
 

@@ -20,11 +20,10 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
-    EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
-    PNDMScheduler,
 )
 
+from helpers import diffusers_scheduler, sd15
 from sd.schedule import (
     SAMPLERS,
     ScheduleConfig,
@@ -42,51 +41,6 @@ STEPS = (1, 2, 4, 7, 8, 20, 25, 50, 61)
 KINDS = [("ddim", False), ("euler", False), ("euler", True), ("euler_a", False),
          ("dpmpp_2m", False), ("dpmpp_2m", True), ("dpmpp_2m_karras", False)]
 KIND_IDS = [s + ("+karras" if k else "") for s, k in KINDS]
-
-
-def diffusers_scheduler(sampler: str, cfg: ScheduleConfig):
-    """The diffusers scheduler `sampler` stands for, every setting explicit."""
-    common = dict(
-        num_train_timesteps=cfg.num_train_timesteps,
-        beta_start=cfg.beta_start,
-        beta_end=cfg.beta_end,
-        beta_schedule=cfg.beta_schedule,
-        trained_betas=None,
-        prediction_type=cfg.prediction_type,
-        timestep_spacing=cfg.timestep_spacing,
-        steps_offset=cfg.steps_offset,
-        rescale_betas_zero_snr=False,
-    )
-    if sampler == "ddim":
-        return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=cfg.set_alpha_to_one,
-                             thresholding=False)
-    if sampler == "euler":
-        return EulerDiscreteScheduler(**common, use_karras_sigmas=cfg.use_karras_sigmas,
-                                      interpolation_type="linear", timestep_type="discrete",
-                                      final_sigmas_type="zero")
-    if sampler == "euler_a":
-        return EulerAncestralDiscreteScheduler(**common)
-    if sampler in ("dpmpp_2m", "dpmpp_2m_karras"):
-        return DPMSolverMultistepScheduler(
-            **common, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
-            lower_order_final=True, euler_at_final=False, final_sigmas_type="zero",
-            use_karras_sigmas=cfg.use_karras_sigmas or sampler == "dpmpp_2m_karras",
-            thresholding=False)
-    if sampler == "plms":  # SD 1.5's own scheduler, in the PLMS form SD's config selects
-        return PNDMScheduler(
-            num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,
-            beta_schedule=cfg.beta_schedule, trained_betas=None, skip_prk_steps=True,
-            set_alpha_to_one=cfg.set_alpha_to_one, prediction_type=cfg.prediction_type,
-            timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
-    raise AssertionError(sampler)
-
-
-def sd15(**kw) -> ScheduleConfig:
-    """SD 1.5's scheduler settings (explicit, so the test does not lean on sd's defaults)."""
-    base = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
-                prediction_type="epsilon", timestep_spacing="leading", use_karras_sigmas=False)
-    return ScheduleConfig(**{**base, **kw})
 
 
 def pair(sampler, cfg, n):
