@@ -1,7 +1,9 @@
 """Pipeline: prompt -> text embeddings -> sampler over latents -> VAE decode -> PIL image."""
 
 import random
+import re
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,11 +13,11 @@ from PIL import Image
 from .clip import CLIPTextModel
 from .denoiser import Denoiser, classifier_free_guidance
 from .samplers import SAMPLER_FUNCTIONS, randn
-from .schedule import SAMPLERS, SCHEDULER_CLASSES, ScheduleConfig, make_schedule, train_sigmas
-from .tokenizer import ASSETS, Tokenizer
-from .unet import UNet
+from .schedule import SAMPLERS, SCHEDULER_CLASSES, make_schedule, train_sigmas
+from .tokenizer import ASSETS, EOS, Tokenizer
+from .unet import UNet, timestep_embedding
 from .vae import AutoencoderKL
-from .weights import Checkpoint, build, read_diffusers_folder, read_single_file
+from .weights import Checkpoint, build, read_diffusers_folder, read_safetensors, read_single_file, unet_state_dict
 
 DEFAULT_STEPS = 50       # as diffusers' StableDiffusionPipeline
 DEFAULT_GUIDANCE = 7.5
@@ -29,25 +31,65 @@ class Pipeline:
     def __init__(self, checkpoint: Checkpoint, device: str, dtype: torch.dtype):
         self.family, self.device, self.dtype = checkpoint.family, torch.device(device), dtype
         self.unet = build(UNet, *checkpoint.unet, "UNet", checkpoint.family)
-        self.vae = build(AutoencoderKL, *checkpoint.vae, "VAE", checkpoint.family)
+        # SDXL's published VAE overflows to inf/NaN in float16: it decodes in float32 unless its
+        # config says it is safe (force_upcast false, e.g. the fp16-fix VAE).
+        self.vae_dtype = torch.float32 if checkpoint.vae_force_upcast and dtype == torch.float16 else dtype
+        self.vae = build(AutoencoderKL, *checkpoint.vae, "VAE", checkpoint.family).to(self.vae_dtype)
         self.text_encoders = [build(CLIPTextModel, cfg, sd, "text encoder", checkpoint.family)
                               for cfg, sd in checkpoint.text_encoders]
-        self.tokenizer = Tokenizer(checkpoint.tokenizer_dir or ASSETS)
-        self.schedule_config: ScheduleConfig = checkpoint.schedule
+        # CLIP-L pads with <|endoftext|>; SDXL's OpenCLIP bigG with "!".
+        self.tokenizers = [Tokenizer(d or ASSETS, pad_token=EOS if i == 0 else "!")
+                           for i, d in enumerate(checkpoint.tokenizer_dirs or [None])]
+        self.schedule_config = checkpoint.schedule
         # A folder's scheduler class picks the default sampler; one we don't implement falls back to Euler.
         self.default_sampler = SCHEDULER_CLASSES.get(checkpoint.scheduler_class, "euler")
         if self.default_sampler == "dpmpp_2m" and self.schedule_config.use_karras_sigmas:
             self.default_sampler = "dpmpp_2m_karras"
+        self.default_steps, self.default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
         self.sample_size = checkpoint.sample_size or 512
         self.latent_scale = 2 ** (len(self.vae.cfg.channel_mult) - 1)
+
+    def use_lightning(self, steps: int):
+        """SDXL-Lightning (Lin et al. 2024): Euler on "trailing" timesteps, no CFG, the step count
+        the UNet was distilled for; the 1-step UNet predicts the sample itself."""
+        prediction = "sample" if steps == 1 else self.schedule_config.prediction_type
+        self.schedule_config = replace(self.schedule_config, timestep_spacing="trailing", prediction_type=prediction)
+        self.default_sampler, self.default_steps, self.default_guidance = "euler", steps, 0.0
 
     # ------------------------------------------------------------ conditioning
 
     @torch.inference_mode()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """SD 1.5: CLIP-L's last hidden state after the final layer norm, (B, 77, 768)."""
-        ids = self.tokenizer(prompts).to(self.device)
-        return self.text_encoders[0](ids).last_hidden_state
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """SD 1.5: CLIP-L's last hidden state after the final layer norm, (B, 77, 768).
+        SDXL: the penultimate hidden states of CLIP-L and bigG side by side, (B, 77, 2048),
+        and bigG's projected pooled output, (B, 1280)."""
+        outs = [enc(tok(prompts).to(self.device)) for enc, tok in zip(self.text_encoders, self.tokenizers)]
+        if self.family != "sdxl":
+            return outs[0].last_hidden_state, None
+        return torch.cat([o.hidden_states[-2] for o in outs], dim=-1), outs[-1].pooled
+
+    def size_vector(self, pooled: torch.Tensor, sizes: tuple[int, ...]) -> torch.Tensor:
+        """SDXL's `y`: pooled text embedding, then the six size/crop numbers, each embedded
+        sinusoidally (original height, width; crop top, left; target height, width)."""
+        per_number = (self.unet.cfg.adm_in_channels - pooled.shape[-1]) // len(sizes)
+        numbers = torch.tensor(sizes, dtype=torch.float32, device=pooled.device)
+        return torch.cat([pooled, timestep_embedding(numbers, per_number).reshape(1, -1).to(pooled.dtype)], dim=-1)
+
+    def conditioning(self, prompt, negative_prompt, use_cfg, sizes) -> tuple[dict, dict | None]:
+        """UNet inputs for the prompt and, with CFG, for the negative prompt. With no negative
+        prompt SD 1.5 encodes "" and SDXL uses zeros (diffusers' force_zeros_for_empty_prompt)."""
+        if self.family != "sdxl":
+            context, _ = self.encode_prompts([prompt, negative_prompt or ""] if use_cfg else [prompt])
+            return {"context": context[:1]}, ({"context": context[1:]} if use_cfg else None)
+        negative = use_cfg and negative_prompt is not None
+        context, pooled = self.encode_prompts([prompt, negative_prompt] if negative else [prompt])
+        cond = {"context": context[:1], "y": self.size_vector(pooled[:1], sizes)}
+        if not use_cfg:
+            return cond, None
+        if negative:
+            return cond, {"context": context[1:], "y": self.size_vector(pooled[1:], sizes)}
+        return cond, {"context": torch.zeros_like(cond["context"]),
+                      "y": self.size_vector(torch.zeros_like(pooled[:1]), sizes)}
 
     # ------------------------------------------------------------ generation
 
@@ -55,12 +97,21 @@ class Pipeline:
     def generate(self, prompt: str, *, negative_prompt: str | None = None, width: int | None = None,
                  height: int | None = None, num_steps: int | None = None, guidance: float | None = None,
                  seed: int | None = None, sampler: str | None = None,
+                 original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
+                 target_size: tuple[int, int] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Image.Image:
         """Text to image. Omitted settings take the model's defaults; `seed=None` picks one at random
-        (find it in `pipe.last_settings`). CFG runs only when guidance > 1."""
+        (find it in `pipe.last_settings`). CFG runs only when guidance > 1.
+
+        SDXL only: `original_size`, `crop_top_left`, `target_size` ((height, width), (top, left),
+        (height, width)) condition on the training images' size and crop; by default the image's
+        own size, no crop, as diffusers."""
         settings = self._check(prompt, negative_prompt, width, height, num_steps, guidance, seed, sampler)
-        self.last_settings = settings
         w, h, steps, g, name = (settings[k] for k in ("width", "height", "num_steps", "guidance", "sampler"))
+        sizes = self._sizes(original_size, crop_top_left, target_size, h, w)
+        if sizes:
+            settings.update(original_size=sizes[:2], crop_top_left=sizes[2:4], target_size=sizes[4:])
+        self.last_settings = settings
         generator = torch.Generator("cpu").manual_seed(settings["seed"])
         schedule = make_schedule(name, self.schedule_config, steps)
 
@@ -69,10 +120,7 @@ class Pipeline:
         x = randn(shape, generator, self.device) * schedule.noise_scale
 
         use_cfg = g > 1
-        texts = [negative_prompt or "", prompt] if use_cfg else [prompt]
-        context = self.encode_prompts(texts)
-        cond = {"context": context[-1:]}
-        uncond = {"context": context[:1]} if use_cfg else None
+        cond, uncond = self.conditioning(prompt, negative_prompt, use_cfg, sizes)
         model = classifier_free_guidance(self._unet, cond, uncond, g)
         denoiser = Denoiser(model, schedule, train_sigmas(self.schedule_config), self.schedule_config.prediction_type)
 
@@ -82,14 +130,27 @@ class Pipeline:
                    progress=progress)
         return self.decode(schedule.to_latents(x))[0]
 
-    def _unet(self, x, t, context):
-        return self.unet(x.to(self.dtype), t, context).float()
+    def _unet(self, x, t, context, y=None):
+        return self.unet(x.to(self.dtype), t, context, y).float()
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        image = self.vae.decode((latents / self.vae.cfg.scaling_factor).to(self.dtype)).float()
+        image = self.vae.decode((latents / self.vae.cfg.scaling_factor).to(self.vae_dtype)).float()
         image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in (image * 255).round().astype(np.uint8)]
+
+    def _sizes(self, original_size, crop_top_left, target_size, h, w) -> tuple[int, ...] | None:
+        if self.family != "sdxl":
+            if original_size is not None or target_size is not None or tuple(crop_top_left) != (0, 0):
+                raise ValueError("original_size / crop_top_left / target_size: only SDXL models take size conditioning")
+            return None
+        values = {"original_size": original_size or (h, w), "crop_top_left": crop_top_left,
+                  "target_size": target_size or (h, w)}
+        for name, pair in values.items():
+            if (not isinstance(pair, (tuple, list)) or len(pair) != 2
+                    or not all(isinstance(v, int) and 0 <= v <= 16384 for v in pair)):
+                raise ValueError(f"{name}: must be two whole numbers in [0, 16384], got {pair!r}")
+        return tuple(v for pair in values.values() for v in pair)
 
     def _check(self, prompt, negative_prompt, width, height, num_steps, guidance, seed, sampler) -> dict:
         """Validate the request and fill in defaults; errors name the field and the rule."""
@@ -103,10 +164,10 @@ class Pipeline:
         for name, value in (("width", width), ("height", height)):
             if not isinstance(value, int) or value <= 0 or value % multiple:
                 raise ValueError(f"{name}: must be a positive multiple of {multiple}, got {value!r}")
-        num_steps = DEFAULT_STEPS if num_steps is None else num_steps
+        num_steps = self.default_steps if num_steps is None else num_steps
         if not isinstance(num_steps, int) or num_steps < 1:
             raise ValueError(f"num_steps: must be a whole number of at least 1, got {num_steps!r}")
-        guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+        guidance = self.default_guidance if guidance is None else guidance
         if not isinstance(guidance, (int, float)) or not np.isfinite(guidance):
             raise ValueError(f"guidance: must be a finite number, got {guidance!r}")
         if seed is None:
@@ -120,35 +181,48 @@ class Pipeline:
                     num_steps=num_steps, guidance=float(guidance), seed=seed, sampler=sampler)
 
 
+def lightning_steps_from_name(path: str | Path) -> int | None:
+    """`sdxl_lightning_4step_unet.safetensors` -> 4."""
+    m = re.search(r"lightning_(\d+)step", Path(path).name, re.IGNORECASE)
+    return int(m[1]) if m else None
+
+
 def load(source: str | Path, *, unet: str | Path | None = None, device: str | None = None,
-         dtype: torch.dtype | str | None = None) -> Pipeline:
+         dtype: torch.dtype | str | None = None, lightning_steps: int | None = None) -> Pipeline:
     """A Pipeline from a single-file checkpoint (.safetensors, official key names) or a
     diffusers-layout folder (has model_index.json). Weights are read straight into `dtype`
-    on `device` (defaults: CUDA in float16 when available, else the CPU in float32)."""
+    on `device` (defaults: CUDA in float16 when available, else the CPU in float32).
+
+    `unet`: a UNet-only file (either naming) that replaces the source's UNet, as SDXL-Lightning
+    ships. `lightning_steps`: the step count a Lightning UNet was distilled for; read from the
+    file name (`..._4step_...`) when not given."""
     device = device or default_device()
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                  "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}.get(dtype) or _bad_dtype(dtype)
     dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
-    if unet is not None:
-        raise ValueError("unet: replacing the UNet is not supported yet")
     path = Path(source)
     if str(source).startswith("@cf/"):
         raise ValueError(f"source: Workers AI model ids ({source}) need the model registry, not available yet; "
                          "pass a .safetensors file or a diffusers folder")
+    unet_sd = unet_state_dict(read_safetensors(unet, device, dtype)) if unet is not None else None
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path}: a folder source must be in the diffusers layout "
                                     "(model_index.json missing)")
-        checkpoint = read_diffusers_folder(path, device, dtype)
+        checkpoint = read_diffusers_folder(path, device, dtype, unet_sd)
     elif path.is_file():
-        checkpoint = read_single_file(path, device, dtype)
+        checkpoint = read_single_file(path, device, dtype, unet_sd)
     else:
         raise FileNotFoundError(f"{path}: no such file or folder. Download a checkpoint, e.g. "
                                 "v1-5-pruned-emaonly.safetensors from "
                                 "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5, "
                                 "into weights/ (see weights/README.md)")
-    return Pipeline(checkpoint, device, dtype)
+    pipe = Pipeline(checkpoint, device, dtype)
+    steps = lightning_steps or lightning_steps_from_name(unet or source)
+    if steps:
+        pipe.use_lightning(steps)
+    return pipe
 
 
 def _bad_dtype(name):

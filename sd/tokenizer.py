@@ -47,7 +47,9 @@ class Tokenizer:
             pre_tokenizers.Split(Regex(words), behavior="removed", invert=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False),
         ])
-        backend.add_special_tokens([BOS, EOS])  # written in a prompt, they stay one token each
+        # Written in a prompt, special tokens stay one token each. transformers (so diffusers' SDXL
+        # tokenizer_2) registers the "!" padding as one too: a "!" in the prompt becomes id 0.
+        backend.add_special_tokens(list(dict.fromkeys([BOS, EOS, pad_token])))
         self._backend = backend
         self.bos_id, self.eos_id = vocab[BOS], vocab[EOS]
         self.pad_id = vocab[pad_token]

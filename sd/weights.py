@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .clip import CLIP_L, CLIPConfig
+from .clip import CLIP_BIG_G, CLIP_L, CLIPConfig
 from .schedule import ScheduleConfig
 from .unet import SD15, SDXL, UNetConfig
 from .vae import VAE_SD15, VAE_SDXL, VAEConfig
@@ -30,9 +30,10 @@ SKIPPED = re.compile(r"(^|\.)position_ids$|^logit_scale$|^betas$|^alphas_cumprod
 StateDict = dict[str, torch.Tensor]
 
 
-def read_safetensors(path: Path, device="cpu", dtype: torch.dtype | None = None) -> StateDict:
-    """Every tensor of `path`, each cast straight to `dtype` on `device` (one at a time, so no
-    second full-precision copy of the model ever exists)."""
+def read_safetensors(path: Path, device="cpu", dtype: torch.dtype | None = None,
+                     skip: str | None = None) -> StateDict:
+    """Every tensor of `path` (but those whose key starts with `skip`), each cast straight to
+    `dtype` on `device` one at a time, so no second full-precision copy of the model ever exists."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
@@ -40,6 +41,8 @@ def read_safetensors(path: Path, device="cpu", dtype: torch.dtype | None = None)
         with safe_open(str(path), framework="pt", device="cpu") as f:
             out = {}
             for key in f.keys():
+                if skip and key.startswith(skip):
+                    continue
                 t = f.get_tensor(key)
                 out[key] = t.to(device=device, dtype=dtype if dtype and t.is_floating_point() else t.dtype)
             return out
@@ -122,7 +125,8 @@ def clip_config_from_weights(sd: StateDict, preset: CLIPConfig = CLIP_L) -> CLIP
     return replace(preset, vocab_size=vocab, width=width, heads=max(1, width // 64),
                    max_positions=sd["embeddings.position_embedding.weight"].shape[0],
                    layers=_count(sd, r"encoder\.layers\.(\d+)\."),
-                   mlp_width=sd["encoder.layers.0.mlp.fc1.weight"].shape[0])
+                   mlp_width=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
+                   projection_dim=sd["text_projection.weight"].shape[0] if "text_projection.weight" in sd else None)
 
 
 # ---------------------------------------------------------------- diffusers names -> single-file names
@@ -193,6 +197,36 @@ def vae_from_diffusers(sd: StateDict) -> StateDict:
     return out
 
 
+def openclip_to_hf(sd: StateDict) -> StateDict:
+    """OpenCLIP text tower (SDXL's `conditioner.embedders.1.model.*`) -> our Hugging Face names:
+    the fused q/k/v projection split in three, `text_projection` (used as x @ P) transposed."""
+    names = {"token_embedding": "embeddings.token_embedding", "ln_final": "final_layer_norm",
+             "ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+             "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    out = {}
+    for key, v in sd.items():
+        if key == "positional_embedding":
+            out["embeddings.position_embedding.weight"] = v
+        elif key == "text_projection":
+            out["text_projection.weight"] = v.T.contiguous()
+        elif m := re.match(r"transformer\.resblocks\.(\d+)\.attn\.in_proj_(weight|bias)$", key):
+            for name, part in zip("qkv", v.chunk(3)):
+                out[f"encoder.layers.{m[1]}.self_attn.{name}_proj.{m[2]}"] = part
+        else:
+            k = re.sub(r"^transformer\.resblocks\.(\d+)\.", r"encoder.layers.\1.", key)
+            for old, new in names.items():
+                k = re.sub(rf"(^|\.){re.escape(old)}\.", rf"\g<1>{new}.", k)
+            out[k] = v
+    return out
+
+
+def unet_state_dict(sd: StateDict) -> StateDict:
+    """A UNet-only file in either naming (SDXL-Lightning ships diffusers names) -> ours."""
+    if "model.diffusion_model.input_blocks.0.0.weight" in sd:
+        sd = split_prefix(sd, "model.diffusion_model.")
+    return unet_from_diffusers(sd) if "conv_in.weight" in sd else sd
+
+
 # ---------------------------------------------------------------- the two layouts
 
 @dataclass
@@ -201,11 +235,12 @@ class Checkpoint:
     family: str                                   # "sd15", "sd15_inpaint" or "sdxl"
     unet: tuple[UNetConfig, StateDict]
     vae: tuple[VAEConfig, StateDict]
-    text_encoders: list[tuple[CLIPConfig, StateDict]]
-    tokenizer_dir: Path | None = None             # None: the vocabulary shipped with sd
+    text_encoders: list[tuple[CLIPConfig, StateDict]]  # CLIP-L, then (SDXL) OpenCLIP bigG
+    tokenizer_dirs: list[Path | None] = field(default_factory=list)  # None: the vocabulary shipped with sd
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     scheduler_class: str | None = None            # diffusers class named by the folder, if any
     sample_size: int | None = None                # default image side in pixels
+    vae_force_upcast: bool = False                # the VAE overflows in float16 (SDXL's does)
 
 
 def detect_family(unet_sd: StateDict) -> str:
@@ -214,28 +249,47 @@ def detect_family(unet_sd: StateDict) -> str:
     return "sd15_inpaint" if unet_sd["input_blocks.0.0.weight"].shape[1] == 9 else "sd15"
 
 
-def read_single_file(path: Path, device="cpu", dtype=None) -> Checkpoint:
-    return single_file_checkpoint(read_safetensors(path, device, dtype), path)
+def _check_replacement(unet: StateDict, base_is_sdxl: bool, source):
+    family = detect_family(unet)
+    if (family == "sdxl") != base_is_sdxl:
+        raise CheckpointError(f"unet: a {family} UNet does not fit the {'SDXL' if base_is_sdxl else 'SD 1.5'} "
+                              f"model in {source}")
 
 
-def single_file_checkpoint(sd: StateDict, path) -> Checkpoint:
+def read_single_file(path: Path, device="cpu", dtype=None, unet: StateDict | None = None) -> Checkpoint:
+    """`unet`: a replacement UNet (our names); the file's own UNet is then not read at all."""
+    skip = "model.diffusion_model." if unet is not None else None
+    return single_file_checkpoint(read_safetensors(path, device, dtype, skip), path, unet)
+
+
+def single_file_checkpoint(sd: StateDict, path, unet: StateDict | None = None) -> Checkpoint:
     """Split an official single-file state dict into its components, by key prefix."""
-    unet = split_prefix(sd, "model.diffusion_model.")
+    if unet is not None:
+        _check_replacement(unet, any(k.startswith("conditioner.") for k in sd), path)
+    else:
+        unet = split_prefix(sd, "model.diffusion_model.")
     if not unet:
         raise CheckpointError(f"{path}: no `model.diffusion_model.*` tensors: not a Stable Diffusion single-file "
                               "checkpoint (a UNet-only file goes to `unet=`)")
     family = detect_family(unet)
     if family == "sdxl":
-        raise CheckpointError(f"{path}: SDXL single files are not supported yet")
-    text = split_prefix(sd, "cond_stage_model.transformer.")
-    text = {k.removeprefix("text_model."): v for k, v in text.items()}
-    vae = split_prefix(sd, "first_stage_model.")
-    for what, part in (("text encoder (cond_stage_model.transformer.*)", text), ("VAE (first_stage_model.*)", vae)):
+        parts = {"CLIP-L text encoder (conditioner.embedders.0.transformer.*)":
+                 split_prefix(sd, "conditioner.embedders.0.transformer."),
+                 "OpenCLIP bigG text encoder (conditioner.embedders.1.model.*)":
+                 openclip_to_hf(split_prefix(sd, "conditioner.embedders.1.model."))}
+    else:
+        parts = {"text encoder (cond_stage_model.transformer.*)": split_prefix(sd, "cond_stage_model.transformer.")}
+    parts["VAE (first_stage_model.*)"] = split_prefix(sd, "first_stage_model.")
+    for what, part in parts.items():
         if not part:
             raise CheckpointError(f"{path}: no {what} tensors in this file")
+    *texts, vae = ({k.removeprefix("text_model."): v for k, v in part.items()} for part in parts.values())
+    presets = (CLIP_L, CLIP_BIG_G)
     return Checkpoint(family, (unet_config_from_weights(unet, family), unet),
-                      (vae_config_from_weights(vae, family), vae), [(clip_config_from_weights(text), text)],
-                      sample_size=1024 if family == "sdxl" else 512)
+                      (vae_config_from_weights(vae, family), vae),
+                      [(clip_config_from_weights(t, preset), t) for t, preset in zip(texts, presets)],
+                      tokenizer_dirs=[None] * len(texts), sample_size=1024 if family == "sdxl" else 512,
+                      vae_force_upcast=family == "sdxl")
 
 
 def read_component(folder: Path, names: tuple[str, ...], device, dtype) -> StateDict:
@@ -281,7 +335,8 @@ def clip_config_from_diffusers(c: dict) -> CLIPConfig:
     return CLIPConfig(vocab_size=c.get("vocab_size", 49408), max_positions=c.get("max_position_embeddings", 77),
                       width=c["hidden_size"], layers=c["num_hidden_layers"], heads=c["num_attention_heads"],
                       mlp_width=c["intermediate_size"], act=c.get("hidden_act", "quick_gelu"),
-                      eps=c.get("layer_norm_eps", 1e-5))
+                      eps=c.get("layer_norm_eps", 1e-5), projection_dim=c.get("projection_dim") if
+                      "WithProjection" in str(c.get("architectures", "")) else None)
 
 
 def _json(path: Path) -> dict:
@@ -291,21 +346,36 @@ def _json(path: Path) -> dict:
         raise CheckpointError(f"{path}: missing (every component of a diffusers folder has one)") from None
 
 
-def read_diffusers_folder(folder: Path, device="cpu", dtype=None) -> Checkpoint:
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def read_diffusers_folder(folder: Path, device="cpu", dtype=None, unet: StateDict | None = None) -> Checkpoint:
+    """`unet`: a replacement UNet (our names); the folder's own UNet is then not read at all."""
     unet_cfg = _json(folder / "unet" / "config.json")
-    if unet_cfg.get("addition_embed_type"):
-        raise CheckpointError(f"{folder}: SDXL folders are not supported yet")
-    unet = unet_from_diffusers(read_component(folder / "unet", ("diffusion_pytorch_model.safetensors",), device, dtype))
-    vae = vae_from_diffusers(read_component(folder / "vae", ("diffusion_pytorch_model.safetensors",), device, dtype))
-    text = read_component(folder / "text_encoder", ("model.safetensors",), device, dtype)
-    text = {k.removeprefix("text_model."): v for k, v in text.items() if not SKIPPED.search(k)}
+    vae_cfg = _json(folder / "vae" / "config.json")
+    sdxl = bool(unet_cfg.get("addition_embed_type"))
+    # diffusers upcasts a VAE that says so (SDXL's) when the pipeline runs in float16; read it so.
+    force_upcast = vae_cfg.get("force_upcast", True) and sdxl
+    vae_dtype = torch.float32 if force_upcast and dtype == torch.float16 else dtype
+    if unet is None:
+        unet = unet_from_diffusers(read_component(folder / "unet", (DIFFUSERS_WEIGHTS,), device, dtype))
+        unet_config = unet_config_from_diffusers(unet_cfg)
+    else:
+        _check_replacement(unet, sdxl, folder)
+        unet_config = unet_config_from_weights(unet, detect_family(unet))
+    vae = vae_from_diffusers(read_component(folder / "vae", (DIFFUSERS_WEIGHTS,), device, vae_dtype))
+    encoders, tokenizers = [], []
+    for name in ("text_encoder", "text_encoder_2") if sdxl else ("text_encoder",):
+        text = read_component(folder / name, ("model.safetensors",), device, dtype)
+        text = {k.removeprefix("text_model."): v for k, v in text.items() if not SKIPPED.search(k)}
+        encoders.append((clip_config_from_diffusers(_json(folder / name / "config.json")), text))
+        tokenizer_dir = folder / name.replace("text_encoder", "tokenizer")
+        tokenizers.append(tokenizer_dir if (tokenizer_dir / "vocab.json").is_file() else None)
     sched_path = folder / "scheduler" / "scheduler_config.json"
     sched = _json(sched_path) if sched_path.is_file() else {}
-    vae_cfg = _json(folder / "vae" / "config.json")
-    tokenizer_dir = folder / "tokenizer"
     return Checkpoint(
-        detect_family(unet), (unet_config_from_diffusers(unet_cfg), unet), (vae_config_from_diffusers(vae_cfg), vae),
-        [(clip_config_from_diffusers(_json(folder / "text_encoder" / "config.json")), text)],
-        tokenizer_dir=tokenizer_dir if (tokenizer_dir / "vocab.json").is_file() else None,
+        detect_family(unet), (unet_config, unet), (vae_config_from_diffusers(vae_cfg), vae),
+        encoders, tokenizer_dirs=tokenizers,
         schedule=ScheduleConfig.from_diffusers(sched), scheduler_class=sched.get("_class_name"),
-        sample_size=(unet_cfg.get("sample_size") or 64) * 2 ** (len(vae_cfg["block_out_channels"]) - 1))
+        sample_size=(unet_cfg.get("sample_size") or 64) * 2 ** (len(vae_cfg["block_out_channels"]) - 1),
+        vae_force_upcast=force_upcast)
