@@ -53,7 +53,7 @@ def cmd_generate(args) -> int:
         print(f"error: no weights at {model}.\n" + DOWNLOAD_HINT.format(dir=weights_dir()), file=sys.stderr)
         return 2
     print(f"loading {model}", file=sys.stderr)
-    pipe = sd.load(model, device=args.device, dtype=args.dtype)
+    pipe = sd.load(model, unet=args.unet, device=args.device, dtype=args.dtype, lightning_steps=args.lightning_steps)
     image = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
                           num_steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
                           progress=ProgressBar())
@@ -72,6 +72,9 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", default="out.png", help="PNG to write (default: out.png)")
     g.add_argument("--model", help=f"a .safetensors checkpoint or a diffusers folder "
                                    f"(default: $SD_WEIGHTS_DIR/{DEFAULT_CHECKPOINT}, SD_WEIGHTS_DIR=./weights)")
+    g.add_argument("--unet", help="a UNet-only .safetensors file replacing the model's (e.g. SDXL-Lightning)")
+    g.add_argument("--lightning-steps", type=int,
+                   help="steps the --unet was distilled for, when its file name doesn't say (..._4step_...)")
     g.add_argument("--negative-prompt")
     g.add_argument("--width", type=int)
     g.add_argument("--height", type=int)

@@ -8,11 +8,11 @@ import torch
 from safetensors.torch import save_file
 
 import sd
-from sd.clip import CLIP_L, CLIPTextModel
-from sd.unet import SD15, SD15_INPAINT, UNet
-from sd.vae import VAE_SD15, AutoencoderKL
+from sd.clip import CLIP_BIG_G, CLIP_L, CLIPTextModel
+from sd.unet import SD15, SD15_INPAINT, SDXL, UNet
+from sd.vae import VAE_SD15, VAE_SDXL, AutoencoderKL
 from sd.weights import (CheckpointError, build, read_safetensors, single_file_checkpoint, unet_from_diffusers,
-                        vae_from_diffusers)
+                        unet_state_dict, vae_from_diffusers)
 
 KEYS = Path(__file__).parent / "data" / "checkpoint-keys"
 # The junk real single files carry next to the model tensors; the loader must skip all of it.
@@ -52,9 +52,45 @@ def test_single_file_full_size_consumes_exactly_the_official_keys(unet_keys, fam
     assert all(p.device.type == "meta" for m in models for p in m.parameters())  # nothing allocated
 
 
+def test_sdxl_single_file_full_size_consumes_exactly_the_official_keys():
+    state = meta_tensors("ldm_sdxl_unet.txt", "ldm_vae.txt", "ldm_clip_l_sdxl.txt", "ldm_openclip_bigG.txt",
+                         extra={k: v for k, v in JUNK.items() if not k.startswith("cond_stage")}
+                         | {"conditioner.embedders.0.transformer.text_model.embeddings.position_ids": [1, 77],
+                            "conditioner.embedders.1.model.logit_scale": []})
+    ckpt = single_file_checkpoint(state, "meta")
+    assert ckpt.family == "sdxl" and ckpt.vae_force_upcast and ckpt.sample_size == 1024
+    (unet_cfg, unet_sd), (vae_cfg, vae_sd) = ckpt.unet, ckpt.vae
+    [(l_cfg, l_sd), (g_cfg, g_sd)] = ckpt.text_encoders
+    assert (unet_cfg, vae_cfg, l_cfg, g_cfg) == (SDXL, VAE_SDXL, CLIP_L, CLIP_BIG_G)
+    unet = build(UNet, unet_cfg, unet_sd, "UNet", "meta")
+    vae = build(AutoencoderKL, vae_cfg, vae_sd, "VAE", "meta")
+    clip_l = build(CLIPTextModel, l_cfg, l_sd, "CLIP-L", "meta")
+    big_g = build(CLIPTextModel, g_cfg, g_sd, "bigG", "meta")
+    assert set(unet.state_dict()) == {k.removeprefix("model.diffusion_model.") for k in state
+                                      if k.startswith("model.diffusion_model.")}
+    assert len(vae.state_dict()) == len(meta_tensors("ldm_vae.txt"))
+    assert len(clip_l.state_dict()) == len(meta_tensors("ldm_clip_l_sdxl.txt"))
+    # bigG: 389 OpenCLIP tensors; each fused in_proj weight/bias becomes three q/k/v tensors.
+    fused = [k for k in meta_tensors("ldm_openclip_bigG.txt") if ".in_proj_" in k]
+    assert len(big_g.state_dict()) == len(meta_tensors("ldm_openclip_bigG.txt")) + 2 * len(fused)
+    # and the converted names are exactly the diffusers layout's text_encoder_2 names, shapes included
+    listed = {k.removeprefix("text_model."): tuple(v.shape) for k, v in meta_tensors("diffusers_clip_bigG.txt").items()
+              if not k.endswith("position_ids")}
+    assert {k: tuple(v.shape) for k, v in g_sd.items()} == listed
+
+
+def test_lightning_unet_file_in_diffusers_names_is_read_as_ours():
+    """SDXL-Lightning's `sdxl_lightning_*_unet.safetensors` use the diffusers SDXL UNet names."""
+    renamed = unet_state_dict(meta_tensors("diffusers_sdxl_unet.txt"))
+    build(UNet, SDXL, renamed, "UNet", "meta")
+    prefixed = unet_state_dict(meta_tensors("ldm_sdxl_unet.txt"))  # the single-file naming also works
+    assert set(prefixed) == set(renamed)
+
+
 @pytest.mark.parametrize("diffusers_keys,ldm_keys,preset", [
     ("diffusers_sd15_unet.txt", "ldm_sd15_unet.txt", SD15),
     ("diffusers_sd15_inpaint_unet.txt", "ldm_sd15_inpaint_unet.txt", SD15_INPAINT),
+    ("diffusers_sdxl_unet.txt", "ldm_sdxl_unet.txt", SDXL),
 ])
 def test_diffusers_unet_names_map_onto_the_official_keys(diffusers_keys, ldm_keys, preset):
     renamed = unet_from_diffusers(meta_tensors(diffusers_keys))
@@ -69,6 +105,7 @@ def test_diffusers_vae_names_map_onto_the_official_keys(diffusers_keys):
     official = {k.removeprefix("first_stage_model."): v for k, v in meta_tensors("ldm_vae.txt").items()}
     assert {k: tuple(v.shape) for k, v in renamed.items()} == {k: tuple(v.shape) for k, v in official.items()}
     build(AutoencoderKL, VAE_SD15, renamed, "VAE", "meta")
+    build(AutoencoderKL, VAE_SDXL, renamed, "VAE", "meta")
 
 
 def test_old_diffusers_vae_attention_names():
