@@ -205,7 +205,9 @@ def load(source: str | Path, *, unet: str | Path | None = None, device: str | No
     if str(source).startswith("@cf/"):
         raise ValueError(f"source: Workers AI model ids ({source}) need the model registry, not available yet; "
                          "pass a .safetensors file or a diffusers folder")
-    unet_sd = unet_state_dict(read_safetensors(unet, device, dtype)) if unet is not None else None
+    if lightning_steps is not None and (not isinstance(lightning_steps, int) or lightning_steps < 1):
+        raise ValueError(f"lightning_steps: must be a whole number of at least 1, got {lightning_steps!r}")
+    unet_sd = unet_state_dict(read_safetensors(unet, device, dtype), unet) if unet is not None else None
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path}: a folder source must be in the diffusers layout "
@@ -219,7 +221,7 @@ def load(source: str | Path, *, unet: str | Path | None = None, device: str | No
                                 "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5, "
                                 "into weights/ (see weights/README.md)")
     pipe = Pipeline(checkpoint, device, dtype)
-    steps = lightning_steps or lightning_steps_from_name(unet or source)
+    steps = lightning_steps if lightning_steps is not None else lightning_steps_from_name(unet or source)
     if steps:
         pipe.use_lightning(steps)
     return pipe

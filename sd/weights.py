@@ -220,11 +220,15 @@ def openclip_to_hf(sd: StateDict) -> StateDict:
     return out
 
 
-def unet_state_dict(sd: StateDict) -> StateDict:
+def unet_state_dict(sd: StateDict, path) -> StateDict:
     """A UNet-only file in either naming (SDXL-Lightning ships diffusers names) -> ours."""
     if "model.diffusion_model.input_blocks.0.0.weight" in sd:
         sd = split_prefix(sd, "model.diffusion_model.")
-    return unet_from_diffusers(sd) if "conv_in.weight" in sd else sd
+    sd = unet_from_diffusers(sd) if "conv_in.weight" in sd else sd
+    if "input_blocks.0.0.weight" not in sd:
+        raise CheckpointError(f"unet: {path} is not a UNet file (no conv_in.weight or input_blocks.0.0.weight; "
+                              f"keys like {', '.join(list(sd)[:3])})")
+    return sd
 
 
 # ---------------------------------------------------------------- the two layouts

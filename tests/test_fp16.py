@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import sd
+from helpers import hf_to_openclip
 from sd.clip import CLIPConfig, CLIPTextModel
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
@@ -27,20 +28,8 @@ def tiny_sdxl_file(path, overflow: bool):
     state = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
     state |= {"first_stage_model." + k: v for k, v in vae.state_dict().items()}
     state |= {"conditioner.embedders.0.transformer.text_model." + k: v for k, v in clip_l.state_dict().items()}
-    g = big_g.state_dict()  # written in OpenCLIP names, as the official file has them
-    openclip = {"token_embedding.weight": g.pop("embeddings.token_embedding.weight"),
-                "positional_embedding": g.pop("embeddings.position_embedding.weight"),
-                "text_projection": g.pop("text_projection.weight").T.contiguous()}
-    for i in range(2):
-        layer = f"encoder.layers.{i}."
-        for p in ("weight", "bias"):
-            openclip[f"transformer.resblocks.{i}.attn.in_proj_{p}"] = torch.cat(
-                [g.pop(f"{layer}self_attn.{n}_proj.{p}") for n in "qkv"])
-            for ours, theirs in (("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"),
-                                 ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")):
-                openclip[f"transformer.resblocks.{i}.{theirs}.{p}"] = g.pop(f"{layer}{ours}.{p}")
-    openclip |= {k.replace("final_layer_norm", "ln_final"): g.pop(k) for k in list(g)}
-    state |= {"conditioner.embedders.1.model." + k: v for k, v in openclip.items()}
+    # bigG in OpenCLIP names, as the official file has them
+    state |= {"conditioner.embedders.1.model." + k: v for k, v in hf_to_openclip(big_g.state_dict()).items()}
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
 

@@ -32,14 +32,12 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 from transformers import CLIPTextModel as HFCLIPTextModel
 
 import sd
-from helpers import randomize_params
+from helpers import assert_same_image, randomize_params
 from sd import clip as sd_clip
 from sd import unet as sd_unet
 from sd import vae as sd_vae
 from sd.schedule import ScheduleConfig
 from sd.tokenizer import ASSETS
-
-PIXEL_TOL = 0.51  # uint8 (rounded) vs float * 255: an exact match is <= 0.5
 
 SAMPLERS = {
     "ddim": DDIMScheduler,
@@ -64,22 +62,6 @@ CLIP_TINY = dict(width=TEXT_WIDTH, layers=3, heads=1, mlp_width=37)
 
 
 # ---------------------------------------------------------------- comparison
-
-def assert_same_image(ours, ref: np.ndarray, name: str) -> float:
-    """`ours`: PIL image from sd; `ref`: diffusers' (H, W, 3) float image in [0, 1]."""
-    a = np.asarray(ours, dtype=np.float64)
-    b = ref.astype(np.float64) * 255
-    assert ours.mode == "RGB", f"{name}: mode {ours.mode}"
-    assert a.shape == b.shape, f"{name}: shape {a.shape} != reference {b.shape}"
-    # The reference must be a real picture, not a flat or saturated one, or the comparison proves little.
-    inside = ((b > 0.5) & (b < 254.5)).mean()
-    assert b.std() > 10 and inside > 0.5, f"{name}: degenerate reference (std {b.std():.1f}, {inside:.0%} unclamped)"
-    diff = np.abs(a - b)
-    print(f"[parity] {name}: max |ours - ref*255| = {diff.max():.4f}, mean {diff.mean():.4f}")
-    assert diff.max() <= PIXEL_TOL, (f"{name}: max pixel difference {diff.max():.3f} > {PIXEL_TOL} "
-                                     f"({(diff > PIXEL_TOL).mean():.1%} of values differ)")
-    return float(diff.max())
-
 
 def reference(pipe: StableDiffusionPipeline, base_config, sampler: str, *, negative_prompt=None, width, height,
               guidance=GUIDANCE, seed=SEED, steps=STEPS) -> np.ndarray:

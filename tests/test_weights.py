@@ -81,10 +81,18 @@ def test_sdxl_single_file_full_size_consumes_exactly_the_official_keys():
 
 def test_lightning_unet_file_in_diffusers_names_is_read_as_ours():
     """SDXL-Lightning's `sdxl_lightning_*_unet.safetensors` use the diffusers SDXL UNet names."""
-    renamed = unet_state_dict(meta_tensors("diffusers_sdxl_unet.txt"))
+    renamed = unet_state_dict(meta_tensors("diffusers_sdxl_unet.txt"), "lightning")
     build(UNet, SDXL, renamed, "UNet", "meta")
-    prefixed = unet_state_dict(meta_tensors("ldm_sdxl_unet.txt"))  # the single-file naming also works
+    prefixed = unet_state_dict(meta_tensors("ldm_sdxl_unet.txt"), "x")  # the single-file naming also works
     assert set(prefixed) == set(renamed)
+    with pytest.raises(CheckpointError, match="unet: vae.safetensors is not a UNet file"):
+        unet_state_dict(meta_tensors("diffusers_vae.txt"), "vae.safetensors")
+
+
+def test_lightning_steps_must_be_positive(tmp_path):
+    for bad in (0, -2, 2.5):
+        with pytest.raises(ValueError, match="lightning_steps: must be a whole number of at least 1"):
+            sd.load(tmp_path / "anything.safetensors", device="cpu", lightning_steps=bad)
 
 
 @pytest.mark.parametrize("diffusers_keys,ldm_keys,preset", [
