@@ -471,6 +471,18 @@ def test_lightning_on_single_file_source(single_file, single_file_pair, lightnin
     assert_same_image(img, lightning_reference(ref, SDXL_SCHEDULER, 2), "xl-lightning/single-file-source/2step")
 
 
+def test_lightning_all_in_one_single_file(single_file, single_file_pair, tmp_path):
+    """ByteDance's all-in-one `sdxl_lightning_Nstep.safetensors` is an official-layout single file:
+    its name alone switches on the Lightning defaults."""
+    path = tmp_path / "sdxl_lightning_2step.safetensors"
+    shutil.copy(single_file, path)
+    ours = sd.load(path, device="cpu")
+    img = ours.generate(PROMPT, width=64, height=48, seed=SEED)
+    assert_lightning_defaults(ours, 2)
+    ref = single_file_pair[1]
+    assert_same_image(img, lightning_reference(ref, SDXL_SCHEDULER, 2), "xl-lightning/all-in-one/2step")
+
+
 @pytest.fixture(scope="module")
 def sd15_unet_file(tmp_path_factory):
     unet = UNet2DConditionModel(
