@@ -25,7 +25,7 @@ class CheckpointError(ValueError):
 
 # Tensors real files carry that no model needs: skipped, never an error.
 SKIPPED = re.compile(r"(^|\.)position_ids$|^logit_scale$|^betas$|^alphas_cumprod|^posterior_|^model_ema\."
-                     r"|num_batches_tracked$|^sqrt_|^log_one_minus|^alphas_cumprod_prev$")
+                     r"|num_batches_tracked$|^sqrt_|^log_one_minus")
 
 StateDict = dict[str, torch.Tensor]
 
@@ -54,6 +54,12 @@ def read_safetensors(path: Path, device="cpu", dtype: torch.dtype | None = None,
 
 def split_prefix(sd: StateDict, prefix: str) -> StateDict:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and not SKIPPED.search(k[len(prefix):])}
+
+
+def text_model(sd: StateDict) -> StateDict:
+    """A CLIP text encoder's tensors in our names: HF's `text_model.` prefix dropped (old files
+    and transformers 5 state dicts lack it), junk such as `position_ids` skipped."""
+    return {k.removeprefix("text_model."): v for k, v in sd.items() if not SKIPPED.search(k)}
 
 
 def build(module_cls, cfg, sd: StateDict, what: str, source) -> torch.nn.Module:
@@ -278,16 +284,17 @@ def single_file_checkpoint(sd: StateDict, path, unet: StateDict | None = None) -
     family = detect_family(unet)
     if family == "sdxl":
         parts = {"CLIP-L text encoder (conditioner.embedders.0.transformer.*)":
-                 split_prefix(sd, "conditioner.embedders.0.transformer."),
+                 text_model(split_prefix(sd, "conditioner.embedders.0.transformer.")),
                  "OpenCLIP bigG text encoder (conditioner.embedders.1.model.*)":
                  openclip_to_hf(split_prefix(sd, "conditioner.embedders.1.model."))}
     else:
-        parts = {"text encoder (cond_stage_model.transformer.*)": split_prefix(sd, "cond_stage_model.transformer.")}
+        parts = {"text encoder (cond_stage_model.transformer.*)":
+                 text_model(split_prefix(sd, "cond_stage_model.transformer."))}
     parts["VAE (first_stage_model.*)"] = split_prefix(sd, "first_stage_model.")
     for what, part in parts.items():
         if not part:
             raise CheckpointError(f"{path}: no {what} tensors in this file")
-    *texts, vae = ({k.removeprefix("text_model."): v for k, v in part.items()} for part in parts.values())
+    *texts, vae = parts.values()
     presets = (CLIP_L, CLIP_BIG_G)
     return Checkpoint(family, (unet_config_from_weights(unet, family), unet),
                       (vae_config_from_weights(vae, family), vae),
@@ -370,8 +377,7 @@ def read_diffusers_folder(folder: Path, device="cpu", dtype=None, unet: StateDic
     vae = vae_from_diffusers(read_component(folder / "vae", (DIFFUSERS_WEIGHTS,), device, vae_dtype))
     encoders, tokenizers = [], []
     for name in ("text_encoder", "text_encoder_2") if sdxl else ("text_encoder",):
-        text = read_component(folder / name, ("model.safetensors",), device, dtype)
-        text = {k.removeprefix("text_model."): v for k, v in text.items() if not SKIPPED.search(k)}
+        text = text_model(read_component(folder / name, ("model.safetensors",), device, dtype))
         encoders.append((clip_config_from_diffusers(_json(folder / name / "config.json")), text))
         tokenizer_dir = folder / name.replace("text_encoder", "tokenizer")
         tokenizers.append(tokenizer_dir if (tokenizer_dir / "vocab.json").is_file() else None)

@@ -11,6 +11,14 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestra
 
 from sd.schedule import ScheduleConfig
 
+# sd's sampler name -> the diffusers scheduler class the whole-pipeline tests swap in with from_config.
+SAMPLERS = {
+    "ddim": DDIMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+}
+
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
+                       PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                  convert_ldm_vae_checkpoint)
 from safetensors.torch import load_file, save_file
@@ -32,19 +32,13 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 from transformers import CLIPTextModel as HFCLIPTextModel
 
 import sd
-from helpers import assert_same_image, randomize_params
+from helpers import SAMPLERS, assert_same_image, randomize_params
 from sd import clip as sd_clip
 from sd import unet as sd_unet
 from sd import vae as sd_vae
 from sd.schedule import ScheduleConfig
 from sd.tokenizer import ASSETS
 
-SAMPLERS = {
-    "ddim": DDIMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "dpmpp_2m": DPMSolverMultistepScheduler,
-}
 PROMPT = "a red circle on a blue square"
 NEGATIVE = "blurry, low quality"
 STEPS, GUIDANCE, SEED = 6, 6.0, 3

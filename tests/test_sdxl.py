@@ -30,8 +30,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-                       EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel)
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                  convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
 from safetensors.torch import load_file, save_file
@@ -39,7 +38,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 from transformers import CLIPTextModel as HFCLIPTextModel
 
 import sd
-from helpers import assert_same_image, hf_to_openclip, randomize_params
+from helpers import SAMPLERS, assert_same_image, hf_to_openclip, randomize_params
 from sd import clip as sd_clip
 from sd import unet as sd_unet
 from sd import vae as sd_vae
@@ -47,12 +46,6 @@ from sd.schedule import ScheduleConfig
 from sd.tokenizer import ASSETS
 
 KEYS = Path(__file__).parent / "data" / "checkpoint-keys"
-SAMPLERS = {
-    "ddim": DDIMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "dpmpp_2m": DPMSolverMultistepScheduler,
-}
 # "!" is bigG's padding token: a prompt containing it must still pool at the first end-of-text token.
 PROMPT = "a red circle on a blue square!"
 NEGATIVE = "blurry, low quality!!"
