@@ -54,3 +54,17 @@ class Denoiser:
         if self.prediction_type == "v_prediction":
             return x * c_in ** 2 - out * sigma * c_in
         return out
+
+
+def lcm_boundary_condition(denoiser: Denoiser, timestep_scaling: float) -> Callable:
+    """Latent consistency models' parameterisation f(x, t) = c_skip(t) x + c_out(t) x0(x, t)
+    (Song et al. 2023, eq. 3, with sigma_data = 0.5 and t scaled as LCMScheduler does), so that
+    f is the identity at t = 0. x enters in its variance-preserving form, as the model saw it."""
+    sigma_data = 0.5
+
+    def consistency(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        t = float(denoiser.timestep(sigma)) * timestep_scaling
+        c_skip = sigma_data ** 2 / (t ** 2 + sigma_data ** 2)
+        c_out = t / (t ** 2 + sigma_data ** 2) ** 0.5
+        return c_out * denoiser(x, sigma) + c_skip * x / (sigma ** 2 + 1) ** 0.5
+    return consistency

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from .clip import CLIPTextModel
-from .denoiser import Denoiser, classifier_free_guidance
+from .denoiser import Denoiser, classifier_free_guidance, lcm_boundary_condition
+from .images import ImageInput, fit_image, image_tensor, mask_tensor, paste_unmasked, read_image, working_size
 from .samplers import SAMPLER_FUNCTIONS, randn
 from .schedule import SAMPLERS, SCHEDULER_CLASSES, make_schedule, train_sigmas
 from .tokenizer import ASSETS, EOS, Tokenizer
@@ -21,6 +23,11 @@ from .weights import Checkpoint, build, read_diffusers_folder, read_safetensors,
 
 DEFAULT_STEPS = 50       # as diffusers' StableDiffusionPipeline
 DEFAULT_GUIDANCE = 7.5
+DEFAULT_STRENGTH = {"img2img": 0.8, "inpaint": 1.0}  # as diffusers' img2img and inpainting pipelines
+LCM_STEPS = 4            # as diffusers' LatentConsistencyModelPipeline
+# LCM-distilled UNets take the guidance scale as an input (diffusers' LCM pipeline default);
+# LCM-LoRA-fused models work best with little or no CFG (LCM-LoRA's model cards: 1 to 2).
+LCM_GUIDANCE = {"distilled": 8.5, "lora": 1.0}
 
 
 def default_device() -> str:
@@ -46,6 +53,9 @@ class Pipeline:
         if self.default_sampler == "dpmpp_2m" and self.schedule_config.use_karras_sigmas:
             self.default_sampler = "dpmpp_2m_karras"
         self.default_steps, self.default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
+        if self.default_sampler == "lcm":
+            self.default_steps = LCM_STEPS
+            self.default_guidance = LCM_GUIDANCE["distilled" if self.unet.cfg.time_cond_proj_dim else "lora"]
         self.sample_size = checkpoint.sample_size or 512
         self.latent_scale = 2 ** (len(self.vae.cfg.channel_mult) - 1)
 
@@ -97,41 +107,125 @@ class Pipeline:
     def generate(self, prompt: str, *, negative_prompt: str | None = None, width: int | None = None,
                  height: int | None = None, num_steps: int | None = None, guidance: float | None = None,
                  seed: int | None = None, sampler: str | None = None,
+                 image: ImageInput | None = None, mask: ImageInput | None = None, strength: float | None = None,
+                 keep_unmasked: bool = False,
                  original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Image.Image:
-        """Text to image. Omitted settings take the model's defaults; `seed=None` picks one at random
-        (find it in `pipe.last_settings`). CFG runs only when guidance > 1.
+        """Text to image; with `image`, image to image; with `image` and `mask`, inpainting.
+        Omitted settings take the model's defaults; `seed=None` picks one at random (find it in
+        `pipe.last_settings`). CFG runs only when guidance > 1.
+
+        image, mask: PIL images or the bytes of image files. The image is resized to
+            width x height (by default its own size rounded down to a multiple of 8). Mask white
+            = repaint, black = keep, thresholded at 0.5.
+        strength: how much of the schedule runs, from the image noised to that level:
+            int(num_steps * strength) steps (diffusers' rule), so 1 is almost pure generation and
+            small strengths stay close to the input; when that is 0 steps the input comes back
+            as it is. Default 0.8 for img2img, 1 for inpainting.
+        keep_unmasked: paste the input's own pixels back outside the mask (soft edge inside
+            it), since the VAE round trip otherwise changes them slightly.
 
         SDXL only: `original_size`, `crop_top_left`, `target_size` ((height, width), (top, left),
         (height, width)) condition on the training images' size and crop; by default the image's
         own size, no crop, as diffusers."""
-        settings = self._check(prompt, negative_prompt, width, height, num_steps, guidance, seed, sampler)
+        picture, mask_image = self._read_inputs(image, mask, keep_unmasked)
+        if picture is not None and width is None and height is None:
+            width, height = working_size(picture, max(8, self.latent_scale))
+        settings = self._check(prompt, negative_prompt, width, height, num_steps, guidance, seed, sampler,
+                               strength, picture is not None, mask_image is not None)
         w, h, steps, g, name = (settings[k] for k in ("width", "height", "num_steps", "guidance", "sampler"))
         sizes = self._sizes(original_size, crop_top_left, target_size, h, w)
         if sizes:
             settings.update(original_size=sizes[:2], crop_top_left=sizes[2:4], target_size=sizes[4:])
+        if mask_image is not None:
+            settings["keep_unmasked"] = keep_unmasked
         self.last_settings = settings
         generator = torch.Generator("cpu").manual_seed(settings["seed"])
         schedule = make_schedule(name, self.schedule_config, steps)
 
-        # Initial noise first: the same draws, in the same order, as diffusers.
-        shape = (1, self.vae.cfg.latent_channels, h // self.latent_scale, w // self.latent_scale)
-        x = randn(shape, generator, self.device) * schedule.noise_scale
+        init = fit_image(picture, w, h) if picture is not None else None
+        mask_pixels = mask_tensor(mask_image, w, h, picture.size) if mask_image is not None else None
+        if init is not None:
+            # diffusers' strength rule: skip the noisiest steps, run int(steps * strength).
+            start = steps - int(steps * settings["strength"])
+            if start == steps:
+                return init
+            schedule = schedule.from_step(start)
+        x, unet_inputs, after_step = self._start(schedule, generator, (1, self.vae.cfg.latent_channels,
+                                                 h // self.latent_scale, w // self.latent_scale),
+                                                 init, mask_pixels, settings.get("strength"))
 
-        use_cfg = g > 1
+        # LCM-distilled UNets take the guidance weight as an input instead of a CFG batch.
+        distilled = bool(self.unet.cfg.time_cond_proj_dim)
+        use_cfg = g > 1 and not distilled
         cond, uncond = self.conditioning(prompt, negative_prompt, use_cfg, sizes)
+        if distilled:
+            unet_inputs["w"] = torch.tensor([g - 1], device=self.device)
+        for inputs in (cond, uncond) if uncond is not None else (cond,):
+            inputs.update(unet_inputs)
         model = classifier_free_guidance(self._unet, cond, uncond, g)
         denoiser = Denoiser(model, schedule, train_sigmas(self.schedule_config), self.schedule_config.prediction_type)
+        if name == "lcm":
+            denoiser = lcm_boundary_condition(denoiser, self.schedule_config.timestep_scaling)
 
         sample = SAMPLER_FUNCTIONS[name]
         landing = schedule.landing.to(self.device) if schedule.landing is not None else None
         x = sample(denoiser, x, schedule.sigmas.to(self.device), generator=generator, landing=landing,
-                   progress=progress)
-        return self.decode(schedule.to_latents(x))[0]
+                   progress=progress, after_step=after_step)
+        result = self.decode(schedule.to_latents(x))[0]
+        return paste_unmasked(result, init, mask_pixels) if keep_unmasked else result
 
-    def _unet(self, x, t, context, y=None):
-        return self.unet(x.to(self.dtype), t, context, y).float()
+    def _start(self, schedule, generator, shape, init, mask, strength):
+        """Starting latents (sigma space), extra UNet inputs and a between-steps hook for each
+        mode, drawing from the generator in diffusers' order: image latents, noise, masked-image
+        latents."""
+        sigmas = schedule.sigmas.to(self.device)
+        if init is None:
+            return randn(shape, generator, self.device) * schedule.noise_scale, {}, None
+        pixels = image_tensor(init).to(self.device)
+        nine_channel = mask is not None and self.unet.cfg.in_channels == 9
+        latents = self.encode(pixels, generator) if not nine_channel or strength < 1 else None
+        noise = randn(shape, generator, self.device)
+        if mask is not None and strength == 1:
+            x = noise * schedule.noise_scale  # diffusers' inpainting starts from pure noise at strength 1
+        else:
+            x = latents + noise * sigmas[0]
+        if mask is None:
+            return x, {}, None
+
+        mask = mask.to(self.device)
+        latent_mask = F.interpolate(mask, size=shape[-2:])  # nearest, as diffusers
+        if nine_channel:
+            # SD inpainting UNet input: latents, then the mask, then the latents of the image with
+            # the repainted region blanked (grey, 0 in [-1, 1]).
+            masked_latents = self.encode(pixels * (mask < 0.5), generator)
+            return x, {"concat": torch.cat([latent_mask, masked_latents], dim=1)}, None
+
+        # A plain UNet: diffusers encodes the masked image here all the same, drawing from the
+        # generator; draw the same numbers so seeds keep matching.
+        randn(shape, generator, self.device)
+
+        def keep_known_region(i: int, x: torch.Tensor) -> torch.Tensor:
+            """After step i, put back the image latents noised (with the starting noise) to where
+            the step landed; after the last step the clean latents, as diffusers does."""
+            s = sigmas[i + 1]
+            known = latents + noise * s if i < len(sigmas) - 2 else latents * (1 + s ** 2) ** 0.5
+            return (1 - latent_mask) * known + latent_mask * x
+        return x, {}, keep_known_region
+
+    def _unet(self, x, t, context, y=None, w=None, concat=None):
+        """The UNet on x at timestep t; `concat` adds channels to x (the inpainting UNet's mask
+        and masked-image latents)."""
+        if concat is not None:
+            x = torch.cat([x, concat], dim=1)
+        return self.unet(x.to(self.dtype), t, context, y, w).float()
+
+    @torch.inference_mode()
+    def encode(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents, sampled from the VAE's posterior as diffusers."""
+        posterior = self.vae.encode(pixels.to(self.vae_dtype))
+        return (posterior.sample(generator) * self.vae.cfg.scaling_factor).float()
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
@@ -152,7 +246,20 @@ class Pipeline:
                 raise ValueError(f"{name}: must be two whole numbers in [0, 16384], got {pair!r}")
         return tuple(v for pair in values.values() for v in pair)
 
-    def _check(self, prompt, negative_prompt, width, height, num_steps, guidance, seed, sampler) -> dict:
+    def _read_inputs(self, image, mask, keep_unmasked):
+        if mask is not None and image is None:
+            raise ValueError("mask: needs an image to inpaint (pass image= as well)")
+        if not isinstance(keep_unmasked, bool):
+            raise ValueError(f"keep_unmasked: must be true or false, got {keep_unmasked!r}")
+        if keep_unmasked and mask is None:
+            raise ValueError("keep_unmasked: only applies to inpainting (pass a mask)")
+        if self.unet.cfg.in_channels == 9 and mask is None:
+            raise ValueError("mask: this is an inpainting model (9-channel UNet); it needs an image and a mask")
+        picture = read_image(image, "image") if image is not None else None
+        return picture, read_image(mask, "mask") if mask is not None else None
+
+    def _check(self, prompt, negative_prompt, width, height, num_steps, guidance, seed, sampler,
+               strength=None, has_image=False, has_mask=False) -> dict:
         """Validate the request and fill in defaults; errors name the field and the rule."""
         if not isinstance(prompt, str):
             raise ValueError(f"prompt: must be a string, got {type(prompt).__name__}")
@@ -177,8 +284,17 @@ class Pipeline:
         sampler = sampler or self.default_sampler
         if sampler not in SAMPLERS:
             raise ValueError(f"sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
-        return dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
-                    num_steps=num_steps, guidance=float(guidance), seed=seed, sampler=sampler)
+        settings = dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height,
+                        num_steps=num_steps, guidance=float(guidance), seed=seed, sampler=sampler)
+        if strength is not None and not has_image:
+            raise ValueError("strength: only applies with an image (img2img or inpainting)")
+        if has_image:
+            strength = DEFAULT_STRENGTH["inpaint" if has_mask else "img2img"] if strength is None else strength
+            if (not isinstance(strength, (int, float)) or isinstance(strength, bool)
+                    or not 0 <= strength <= 1):
+                raise ValueError(f"strength: must be a number in [0, 1], got {strength!r}")
+            settings["strength"] = float(strength)
+        return settings
 
 
 def lightning_steps_from_name(path: str | Path) -> int | None:

@@ -3,7 +3,9 @@
 `model(x, sigma) -> denoised x0` is any denoiser (see denoiser.py); `x` starts at
 noise level `sigmas[0]` and the result sits at `sigmas[-1]` (usually 0). Every
 mode of the pipeline (txt2img, img2img, inpainting) is a choice of `x`, `sigmas`
-and `model` around these same loops.
+and `model` around these same loops, plus an optional `after_step(i, x) -> x` that
+may edit the latents between steps (inpainting with a plain UNet re-imposes the
+known region there).
 """
 
 from collections.abc import Callable
@@ -12,6 +14,7 @@ import torch
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Progress = Callable[[int, int], None] | None
+AfterStep = Callable[[int, torch.Tensor], torch.Tensor] | None
 
 
 def randn(shape, generator: torch.Generator | None, device, dtype=torch.float32) -> torch.Tensor:
@@ -21,25 +24,29 @@ def randn(shape, generator: torch.Generator | None, device, dtype=torch.float32)
     return torch.randn(shape, generator=generator, dtype=torch.float32, device=gen_device).to(device, dtype)
 
 
-def _report(progress: Progress, i: int, n: int):
+def _end_step(x, i: int, n: int, progress: Progress, after_step: AfterStep):
+    if after_step is not None:
+        x = after_step(i, x)
     if progress is not None:
         progress(i + 1, n)
+    return x
 
 
 @torch.no_grad()
-def sample_euler(model: Denoiser, x, sigmas, progress: Progress = None, **_):
+def sample_euler(model: Denoiser, x, sigmas, progress: Progress = None, after_step: AfterStep = None, **_):
     """Euler's method on the probability-flow ODE (Karras et al. 2022, Algorithm 2 without churn).
     With a DDPM model and sigmas at integer timesteps this is exactly DDIM with eta = 0."""
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
         d = (x - denoised) / sigmas[i]
         x = x + d * (sigmas[i + 1] - sigmas[i])
-        _report(progress, i, len(sigmas) - 1)
+        x = _end_step(x, i, len(sigmas) - 1, progress, after_step)
     return x
 
 
 @torch.no_grad()
-def sample_ddim(model: Denoiser, x, sigmas, landing=None, progress: Progress = None, **_):
+def sample_ddim(model: Denoiser, x, sigmas, landing=None, progress: Progress = None,
+                after_step: AfterStep = None, **_):
     """DDIM, eta = 0 (Song et al. 2020, eq. 12): x_prev = x0 + sigma_prev * eps, which in
     sigma space is one Euler step (Karras et al. 2022, section 4).
 
@@ -51,13 +58,13 @@ def sample_ddim(model: Denoiser, x, sigmas, landing=None, progress: Progress = N
         x = x + (x - model(x, s)) / s * (land - s)
         if landing is not None:
             x = x * ((1 + s_next ** 2) / (1 + land ** 2)) ** 0.5  # same variance-preserving latents
-        _report(progress, i, len(sigmas) - 1)
+        x = _end_step(x, i, len(sigmas) - 1, progress, after_step)
     return x
 
 
 @torch.no_grad()
 def sample_euler_ancestral(model: Denoiser, x, sigmas, generator=None, eta: float = 1.0,
-                           progress: Progress = None, **_):
+                           progress: Progress = None, after_step: AfterStep = None, **_):
     """Euler ancestral (k-diffusion): an Euler step down to sigma_down, then fresh noise up to
     sigma_next, splitting each step as DDPM's ancestral sampling does (Ho et al. 2020)."""
     for i in range(len(sigmas) - 1):
@@ -68,12 +75,12 @@ def sample_euler_ancestral(model: Denoiser, x, sigmas, generator=None, eta: floa
         x = x + (x - denoised) / s * (sigma_down - s)
         if s_next > 0:
             x = x + randn(x.shape, generator, x.device) * sigma_up
-        _report(progress, i, len(sigmas) - 1)
+        x = _end_step(x, i, len(sigmas) - 1, progress, after_step)
     return x
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model: Denoiser, x, sigmas, progress: Progress = None, **_):
+def sample_dpmpp_2m(model: Denoiser, x, sigmas, progress: Progress = None, after_step: AfterStep = None, **_):
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): second-order multistep in log-sigma,
     first order on the first step and on the step that lands on sigma = 0."""
     old_denoised = None
@@ -91,12 +98,12 @@ def sample_dpmpp_2m(model: Denoiser, x, sigmas, progress: Progress = None, **_):
                 denoised_d = denoised
             x = (s_next / s) * x - torch.expm1(-h) * denoised_d
         old_denoised = denoised
-        _report(progress, i, len(sigmas) - 1)
+        x = _end_step(x, i, len(sigmas) - 1, progress, after_step)
     return x
 
 
 @torch.no_grad()
-def sample_plms(model: Denoiser, x, sigmas, progress: Progress = None, **_):
+def sample_plms(model: Denoiser, x, sigmas, progress: Progress = None, after_step: AfterStep = None, **_):
     """PLMS / PNDM without Runge-Kutta warm-up (Liu et al. 2022; diffusers' PNDMScheduler with
     skip_prk_steps): Adams-Bashforth on the noise prediction, a Heun step to start."""
     AB = {1: (1,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -113,7 +120,21 @@ def sample_plms(model: Denoiser, x, sigmas, progress: Progress = None, **_):
         else:
             eps = sum(c * e for c, e in zip(AB[len(history)], reversed(history)))
         x = x + eps * (s_next - s)
-        _report(progress, i, n)
+        x = _end_step(x, i, n, progress, after_step)
+    return x
+
+
+@torch.no_grad()
+def sample_lcm(model: Denoiser, x, sigmas, generator=None, progress: Progress = None,
+               after_step: AfterStep = None, **_):
+    """Latent consistency sampling (Song et al. 2023, Algorithm 1; Luo et al. 2023): jump to the
+    consistency model's x0, then re-noise it with fresh noise to the next sigma. `model` should
+    apply the consistency boundary condition (denoiser.lcm_boundary_condition)."""
+    for i in range(len(sigmas) - 1):
+        x = model(x, sigmas[i])
+        if sigmas[i + 1] > 0:
+            x = x + randn(x.shape, generator, x.device) * sigmas[i + 1]
+        x = _end_step(x, i, len(sigmas) - 1, progress, after_step)
     return x
 
 
@@ -124,4 +145,5 @@ SAMPLER_FUNCTIONS = {
     "euler_a": sample_euler_ancestral,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_karras": sample_dpmpp_2m,
+    "lcm": sample_lcm,
 }

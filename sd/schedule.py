@@ -10,7 +10,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 import torch
 
-SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "plms")
+SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "plms", "lcm")
 
 # diffusers scheduler class -> our sampler, for a folder's scheduler_config.json.
 SCHEDULER_CLASSES = {
@@ -19,6 +19,7 @@ SCHEDULER_CLASSES = {
     "EulerAncestralDiscreteScheduler": "euler_a",
     "DPMSolverMultistepScheduler": "dpmpp_2m",
     "PNDMScheduler": "plms",  # SD 1.5's default; we run its PLMS form (skip_prk_steps, as SD's config sets)
+    "LCMScheduler": "lcm",
 }
 
 
@@ -34,6 +35,8 @@ class ScheduleConfig:
     steps_offset: int = 1
     set_alpha_to_one: bool = False         # DDIM: end at sigma 0 rather than at sigma(t=0)
     use_karras_sigmas: bool = False
+    original_inference_steps: int = 50     # LCM: the distillation schedule its steps are picked from
+    timestep_scaling: float = 10.0         # LCM: scales t in the c_skip / c_out boundary condition
 
     @classmethod
     def from_diffusers(cls, config: dict) -> "ScheduleConfig":
@@ -106,6 +109,13 @@ class Schedule:
     variance_preserving: bool
     landing: torch.Tensor | None = None  # DDIM only, see ddim_schedule
 
+    def from_step(self, start: int) -> "Schedule":
+        """The schedule from step `start` on: img2img and inpainting with strength < 1 skip the
+        noisiest steps and start from the image noised to sigmas[start]."""
+        landing = self.landing[start:] if self.landing is not None else None
+        return Schedule(self.timesteps[start:], self.sigmas[start:], self.noise_scale,
+                        self.variance_preserving, landing)
+
     def to_latents(self, x: torch.Tensor) -> torch.Tensor:
         """Sampler output (sigma space) -> latents as diffusers' scheduler would return them."""
         last = float(self.sigmas[-1])
@@ -167,9 +177,25 @@ def dpm_schedule(cfg: ScheduleConfig, n: int, karras: bool = False) -> Schedule:
     return _schedule(t, sigmas, 0.0, (1 + float(np.float32(sigmas[0])) ** 2) ** 0.5, vp=True)
 
 
+def lcm_schedule(cfg: ScheduleConfig, n: int) -> Schedule:
+    """LCMScheduler's timesteps (Luo et al. 2023): the distillation schedule has
+    `original_inference_steps` evenly spaced timesteps ending at T//k - 1; n of them are
+    taken at evenly spaced indices, noisiest first. The last step lands on x0."""
+    original = cfg.original_inference_steps
+    if n > original:
+        raise ValueError(f"num_steps: the LCM sampler takes at most original_inference_steps={original} steps, got {n}")
+    k = cfg.num_train_timesteps // original
+    distilled = (np.arange(1, original + 1) * k - 1)[::-1]
+    t = distilled[np.floor(np.linspace(0, original, n, endpoint=False)).astype(np.int64)]
+    table = train_sigmas(cfg)
+    return _schedule(t, table[t], 0.0, (1 + table[t[0]] ** 2) ** 0.5, vp=True)
+
+
 def make_schedule(sampler: str, cfg: ScheduleConfig, n: int) -> Schedule:
     if n < 1:
         raise ValueError(f"num_steps: must be at least 1, got {n}")
+    if sampler == "lcm":
+        return lcm_schedule(cfg, n)
     if sampler in ("ddim", "plms"):
         return ddim_schedule(cfg, n)
     if sampler in ("euler", "euler_a"):

@@ -27,6 +27,7 @@ class UNetConfig:
     linear_proj: bool = False                           # SDXL: Linear proj_in/out instead of 1x1 convs
     adm_in_channels: int | None = None                  # SDXL: pooled text + size/crop embedding
     norm_groups: int = 32
+    time_cond_proj_dim: int | None = None               # LCM-distilled UNets: width of the guidance embedding
 
 
 SD15 = UNetConfig()
@@ -42,6 +43,15 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
     args = t[:, None].float() * torch.exp(exponent)[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """LCM's embedding of the guidance weight w (Luo et al. 2023, as diffusers'
+    `get_guidance_scale_embedding`): w scaled by 1000, sines first, frequencies over half - 1."""
+    half = dim // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=w.device) / (half - 1)
+    args = (w.float() * 1000.0)[:, None] * torch.exp(exponent)[None]
+    return F.pad(torch.cat([torch.sin(args), torch.cos(args)], dim=-1), (0, dim % 2))
 
 
 class ResBlock(nn.Module):
@@ -184,6 +194,8 @@ class UNet(nn.Module):
         mc, groups = cfg.model_channels, cfg.norm_groups
         emb_ch = mc * 4
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if cfg.time_cond_proj_dim:  # no LDM name exists for it; diffusers calls it time_embedding.cond_proj
+            self.time_cond_proj = nn.Linear(cfg.time_cond_proj_dim, mc, bias=False)
         if cfg.adm_in_channels:
             self.label_emb = nn.Sequential(nn.Sequential(
                 nn.Linear(cfg.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)))
@@ -222,11 +234,19 @@ class UNet(nn.Module):
 
         self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
+                w: torch.Tensor | None = None):
         """x: (B, in_channels, h, w) latents; t: (B,) or () timesteps; context: (B, 77, context_dim);
-        y: (B, adm_in_channels) for SDXL. Returns (B, out_channels, h, w)."""
+        y: (B, adm_in_channels) for SDXL; w: (B,) guidance weight (guidance scale - 1) for
+        LCM-distilled UNets. Returns (B, out_channels, h, w)."""
         t = t.reshape(-1).expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.cfg.model_channels).to(x.dtype))
+        t_emb = timestep_embedding(t, self.cfg.model_channels).to(x.dtype)
+        if self.cfg.time_cond_proj_dim:
+            if w is None:
+                raise ValueError("w: a guidance-distilled UNet (time_cond_proj_dim) needs the guidance weight")
+            w_emb = guidance_embedding(w.reshape(-1).expand(x.shape[0]), self.cfg.time_cond_proj_dim)
+            t_emb = t_emb + self.time_cond_proj(w_emb.to(x.dtype))
+        emb = self.time_embed(t_emb)
         if self.cfg.adm_in_channels:
             emb = emb + self.label_emb(y.to(x.dtype))
         skips, h = [], x

@@ -111,7 +111,8 @@ def unet_config_from_weights(sd: StateDict, family: str) -> UNetConfig:
                    channel_mult=tuple(mult), num_res_blocks=num_res_blocks, transformer_depth=tuple(depth),
                    mid_transformer_depth=_count(sd, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
                    heads=heads, context_dim=to_k.shape[1], linear_proj=sd["middle_block.1.proj_in.weight"].ndim == 2,
-                   adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else None)
+                   adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else None,
+                   time_cond_proj_dim=sd["time_cond_proj.weight"].shape[1] if "time_cond_proj.weight" in sd else None)
 
 
 def vae_config_from_weights(sd: StateDict, family: str) -> VAEConfig:
@@ -140,7 +141,8 @@ def clip_config_from_weights(sd: StateDict, preset: CLIPConfig = CLIP_L) -> CLIP
 RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
 UNET_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embed.0",
-            "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+            "time_embedding.linear_2": "time_embed.2", "time_embedding.cond_proj": "time_cond_proj",
+            "add_embedding.linear_1": "label_emb.0.0",
             "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
 
 
@@ -331,7 +333,8 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
         transformer_depth=tuple(n if "CrossAttn" in t else 0 for n, t in zip(layers, c["down_block_types"])),
         mid_transformer_depth=layers[-1], heads=heads, context_dim=c.get("cross_attention_dim", 768),
         linear_proj=c.get("use_linear_projection", False), norm_groups=c.get("norm_num_groups", 32),
-        adm_in_channels=c.get("projection_class_embeddings_input_dim") if c.get("addition_embed_type") else None)
+        adm_in_channels=c.get("projection_class_embeddings_input_dim") if c.get("addition_embed_type") else None,
+        time_cond_proj_dim=c.get("time_cond_proj_dim"))
 
 
 def vae_config_from_diffusers(c: dict) -> VAEConfig:
