@@ -10,13 +10,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
 ImageInput = Image.Image | bytes | bytearray | memoryview | str | Path
 
 
 def read_image(value: ImageInput, field: str) -> Image.Image:
-    """A PIL image from a PIL image, the bytes of an encoded file (PNG, JPEG, WebP, ...) or a path."""
+    """A PIL image from a PIL image, the bytes of an encoded file (PNG, JPEG, WebP, ...) or a path.
+    Decoded files are turned upright by their EXIF orientation (as phones store photos), like
+    diffusers' load_image; PIL images are taken as they are."""
     if isinstance(value, Image.Image):
         return value
     try:
@@ -28,17 +30,19 @@ def read_image(value: ImageInput, field: str) -> Image.Image:
             raise ValueError(f"{field}: must be a PIL image, the bytes of an image file or a path, "
                              f"got {type(value).__name__}")
         image.load()  # decode now, so a truncated file fails here rather than later
+        image = ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise ValueError(f"{field}: not a readable image (PNG, JPEG or WebP expected): {e}") from None
     return image
 
 
-def working_size(image: Image.Image, multiple: int) -> tuple[int, int]:
-    """(width, height) of the image rounded down to a multiple of `multiple`, as diffusers."""
+def working_size(image: Image.Image, width: int | None, height: int | None, multiple: int) -> tuple[int, int]:
+    """The requested size, each side not given taken from the image rounded down to a multiple
+    of `multiple`, as diffusers."""
     w, h = (v - v % multiple for v in image.size)
-    if w < multiple or h < multiple:
+    if (width is None and w < multiple) or (height is None and h < multiple):
         raise ValueError(f"image: must be at least {multiple}x{multiple} pixels, got {image.width}x{image.height}")
-    return w, h
+    return (w if width is None else width), (h if height is None else height)
 
 
 def _resized(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -71,15 +75,17 @@ def mask_tensor(mask: Image.Image, width: int, height: int, image_size: tuple[in
 
 
 def paste_unmasked(generated: Image.Image, original: Image.Image, mask: torch.Tensor,
-                   feather: float = 4.0) -> Image.Image:
+                   feather: int = 3) -> Image.Image:
     """The generated picture inside the mask, the original pixels (exactly) outside it.
 
     The VAE round trip changes every pixel a little; pasting back keeps what the mask keeps.
-    The edge is softened only inward (an erf ramp about 2 * feather pixels wide), so pixels
-    outside the mask are the input's bit for bit and the seam fades into the new content."""
-    m = Image.fromarray((mask[0, 0].numpy() * 255).astype(np.uint8))
-    blurred = np.asarray(m.filter(ImageFilter.GaussianBlur(feather)), dtype=np.float32) / 255
-    weight = np.clip(2 * blurred - 1, 0, 1)[..., None] * mask[0, 0].numpy()[..., None]
+    The seam is softened inward only: a linear ramp over the `feather` pixels inside the mask's
+    edge (a box blur of the mask, stretched so its 0.5 level maps to 0), so pixels outside the
+    mask are the input's bit for bit and pixels deeper inside are the generated ones."""
+    binary = mask[0, 0].numpy()
+    blurred = Image.fromarray((binary * 255).astype(np.uint8)).filter(ImageFilter.BoxBlur(feather))
+    weight = np.clip(2 * np.asarray(blurred, dtype=np.float32) / 255 - 1, 0, 1) * binary
     before = np.asarray(original, dtype=np.float32)
     after = np.asarray(generated, dtype=np.float32)
-    return Image.fromarray(np.round(before * (1 - weight) + after * weight).astype(np.uint8))
+    blended = before * (1 - weight[..., None]) + after * weight[..., None]
+    return Image.fromarray(np.round(blended).astype(np.uint8))

@@ -116,9 +116,9 @@ class Pipeline:
         Omitted settings take the model's defaults; `seed=None` picks one at random (find it in
         `pipe.last_settings`). CFG runs only when guidance > 1.
 
-        image, mask: PIL images or the bytes of image files. The image is resized to
-            width x height (by default its own size rounded down to a multiple of 8). Mask white
-            = repaint, black = keep, thresholded at 0.5.
+        image, mask: PIL images, the bytes of image files, or paths. The image is resized to
+            width x height (a side not given: the image's own, rounded down to a multiple of 8).
+            Mask white = repaint, black = keep, thresholded at 0.5.
         strength: how much of the schedule runs, from the image noised to that level:
             int(num_steps * strength) steps (diffusers' rule), so 1 is almost pure generation and
             small strengths stay close to the input; when that is 0 steps the input comes back
@@ -130,8 +130,8 @@ class Pipeline:
         (height, width)) condition on the training images' size and crop; by default the image's
         own size, no crop, as diffusers."""
         picture, mask_image = self._read_inputs(image, mask, keep_unmasked)
-        if picture is not None and width is None and height is None:
-            width, height = working_size(picture, max(8, self.latent_scale))
+        if picture is not None:
+            width, height = working_size(picture, width, height, max(8, self.latent_scale))
         settings = self._check(prompt, negative_prompt, width, height, num_steps, guidance, seed, sampler,
                                strength, picture is not None, mask_image is not None)
         w, h, steps, g, name = (settings[k] for k in ("width", "height", "num_steps", "guidance", "sampler"))

@@ -49,8 +49,10 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     """LCM's embedding of the guidance weight w (Luo et al. 2023, as diffusers'
     `get_guidance_scale_embedding`): w scaled by 1000, sines first, frequencies over half - 1."""
     half = dim // 2
-    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=w.device) / (half - 1)
-    args = (w.float() * 1000.0)[:, None] * torch.exp(exponent)[None]
+    # In this order, in float32: w * 1000 reaches 1e4, where a last-bit change in a frequency moves sin by 1e-3.
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -step).to(w.device)
+    args = (w.float() * 1000.0)[:, None] * freqs[None]
     return F.pad(torch.cat([torch.sin(args), torch.cos(args)], dim=-1), (0, dim % 2))
 
 

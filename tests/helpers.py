@@ -6,7 +6,7 @@ import re
 import numpy as np
 import torch
 import torch.nn as nn
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, LCMScheduler,
                        EulerDiscreteScheduler, PNDMScheduler)
 
 from sd.schedule import ScheduleConfig
@@ -147,6 +147,10 @@ def diffusers_scheduler(sampler: str, cfg: ScheduleConfig):
             beta_schedule=cfg.beta_schedule, trained_betas=None, skip_prk_steps=True,
             set_alpha_to_one=cfg.set_alpha_to_one, prediction_type=cfg.prediction_type,
             timestep_spacing=cfg.timestep_spacing, steps_offset=cfg.steps_offset)
+    if sampler == "lcm":
+        return LCMScheduler(**common, original_inference_steps=cfg.original_inference_steps,
+                            timestep_scaling=cfg.timestep_scaling, clip_sample=False,
+                            set_alpha_to_one=cfg.set_alpha_to_one, thresholding=False)
     raise AssertionError(sampler)
 
 
@@ -206,3 +210,31 @@ def hf_to_openclip(sd_: dict) -> dict:
         else:
             raise AssertionError(f"unmapped bigG key {key}")
     return out
+
+
+def tiny_sd15_components(text_width: int = 64, in_channels: int = 4, time_cond_proj_dim: int | None = None) -> dict:
+    """A tiny SD 1.5-shaped diffusers pipeline's parts (attention on the second level only), every
+    parameter random. `in_channels=9` makes an inpainting UNet; `time_cond_proj_dim` an
+    LCM-distilled one that takes the guidance embedding."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTokenizer
+    from transformers import CLIPTextModel as HFCLIPTextModel
+
+    from sd.tokenizer import ASSETS
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=32, in_channels=in_channels, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=text_width, attention_head_dim=8, norm_num_groups=32,
+        time_cond_proj_dim=time_cond_proj_dim)
+    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=32)
+    text_encoder = HFCLIPTextModel(CLIPTextConfig(
+        hidden_size=text_width, intermediate_size=37, num_attention_heads=1, num_hidden_layers=3,
+        vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu"))
+    for seed, model in enumerate((unet, vae, text_encoder)):
+        randomize_params(model, seed=seed)
+    tokenizer = CLIPTokenizer.from_pretrained(str(ASSETS), model_max_length=77)
+    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)

@@ -32,7 +32,7 @@ from transformers import CLIPTextConfig, CLIPTokenizer
 from transformers import CLIPTextModel as HFCLIPTextModel
 
 import sd
-from helpers import SAMPLERS, assert_same_image, randomize_params
+from helpers import SAMPLERS, assert_same_image, randomize_params, tiny_sd15_components
 from sd import clip as sd_clip
 from sd import unet as sd_unet
 from sd import vae as sd_vae
@@ -75,22 +75,7 @@ def load_reference(folder) -> tuple[StableDiffusionPipeline, dict]:
 
 @pytest.fixture(scope="module")
 def diffusers_models():
-    """A tiny SD 1.5-shaped diffusers pipeline (attention on the second level only), every parameter random."""
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=32, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=2,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=32)
-    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=32)
-    text_encoder = HFCLIPTextModel(CLIPTextConfig(
-        hidden_size=TEXT_WIDTH, intermediate_size=37, num_attention_heads=1, num_hidden_layers=3,
-        vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu"))
-    for seed, model in enumerate((unet, vae, text_encoder)):
-        randomize_params(model, seed=seed)
-    tokenizer = CLIPTokenizer.from_pretrained(str(ASSETS), model_max_length=77)
-    return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+    return tiny_sd15_components(TEXT_WIDTH)
 
 
 def save_folder(models, scheduler, path):

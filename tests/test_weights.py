@@ -119,8 +119,12 @@ def test_diffusers_vae_names_map_onto_the_official_keys(diffusers_keys):
 def test_old_diffusers_vae_attention_names():
     """Old diffusers VAEs call the mid attention query/key/value/proj_attn."""
     new = meta_tensors("diffusers_vae.txt")
-    old = {k.replace("to_q", "query").replace("to_k", "key").replace("to_v", "value").replace("to_out.0", "proj_attn"): v
-           for k, v in new.items()}
+    renames = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+    old = {}
+    for key, value in new.items():
+        for a, b in renames.items():
+            key = key.replace(a, b)
+        old[key] = value
     assert set(vae_from_diffusers(old)) == set(vae_from_diffusers(new))
 
 
