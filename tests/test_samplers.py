@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from helpers import diffusers_scheduler, sd15
-from sd.denoiser import Denoiser
+from sd.denoiser import Denoiser, lcm_boundary_condition
 from sd.samplers import SAMPLER_FUNCTIONS
 from sd.schedule import make_schedule, train_sigmas
 
@@ -79,6 +79,8 @@ def run_sd(sampler, cfg, n, seed=0):
     x = noise * sched.noise_scale
     den = Denoiser(model=unet, schedule=sched, train_sigmas=train_sigmas(cfg),
                    prediction_type=cfg.prediction_type)
+    if sampler == "lcm":
+        den = lcm_boundary_condition(den, cfg.timestep_scaling)
     x = SAMPLER_FUNCTIONS[sampler](den, x, sched.sigmas, generator=g, landing=sched.landing)
     return sched.to_latents(x), unet.timesteps
 
@@ -193,8 +195,20 @@ def test_plms_v_prediction(n):
     check("plms", sd15(prediction_type="v_prediction"), n)
 
 
+@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize("original_steps", [50, 25])
+@pytest.mark.parametrize("timestep_scaling", [10.0, 0.5])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+def test_lcm(prediction_type, timestep_scaling, original_steps, n):
+    """LCMScheduler: its timesteps, the boundary condition, fresh noise between steps. With
+    diffusers' default timestep_scaling of 10, c_skip is below 1e-5 at every timestep and
+    the boundary condition is invisible at this tolerance; scaling 0.5 makes it count."""
+    check("lcm", sd15(prediction_type=prediction_type, original_inference_steps=original_steps,
+                      timestep_scaling=timestep_scaling, set_alpha_to_one=True), n)
+
+
 @pytest.mark.parametrize("beta_schedule", ["linear"])
-@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "plms"])
+@pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "plms", "lcm"])
 def test_linear_betas(sampler, beta_schedule):
     check(sampler, sd15(beta_schedule=beta_schedule), 10)
 
