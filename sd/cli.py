@@ -42,12 +42,18 @@ def png_metadata(settings: dict, model: str):
     line = (f"{settings['prompt']}\nNegative prompt: {settings['negative_prompt'] or ''}\n"
             f"Steps: {settings['num_steps']}, Sampler: {settings['sampler']}, CFG scale: {settings['guidance']}, "
             f"Seed: {settings['seed']}, Size: {settings['width']}x{settings['height']}, Model: {model}")
+    if "strength" in settings:
+        line += f", Denoising strength: {settings['strength']}"
     info.add_text("parameters", line)
     return info
 
 
 def cmd_generate(args) -> int:
     import sd
+    inputs = {name: path for name, path in (("image", args.image), ("mask", args.mask)) if path is not None}
+    for name, path in inputs.items():  # before loading the model, which takes a while
+        if not Path(path).exists():
+            raise ValueError(f"{name}: no such file: {path}")
     model = args.model or str(weights_dir() / DEFAULT_CHECKPOINT)
     if not Path(model).exists():
         print(f"error: no weights at {model}.\n" + DOWNLOAD_HINT.format(dir=weights_dir()), file=sys.stderr)
@@ -56,10 +62,11 @@ def cmd_generate(args) -> int:
     pipe = sd.load(model, unet=args.unet, device=args.device, dtype=args.dtype, lightning_steps=args.lightning_steps)
     image = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
                           num_steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
+                          image=args.image, mask=args.mask, strength=args.strength, keep_unmasked=args.keep_unmasked,
                           progress=ProgressBar())
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out, pnginfo=png_metadata(pipe.last_settings, model))
+    image.save(out, pnginfo=png_metadata({**pipe.last_settings, **inputs}, model))
     print(f"wrote {out} (seed {pipe.last_settings['seed']})", file=sys.stderr)
     return 0
 
@@ -76,12 +83,23 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--lightning-steps", type=int,
                    help="steps the --unet was distilled for, when its file name doesn't say (..._4step_...)")
     g.add_argument("--negative-prompt")
-    g.add_argument("--width", type=int)
-    g.add_argument("--height", type=int)
-    g.add_argument("--steps", type=int, help="sampling steps (default 50)")
+    g.add_argument("--image", help="start from this picture (img2img; with --mask, inpainting)")
+    g.add_argument("--mask", help="inpainting mask for --image: white = repaint, black = keep")
+    g.add_argument("--strength", type=float,
+                   help="how far to move from --image, in [0, 1]: int(steps * strength) steps run from the image "
+                        "noised to that level, so 1 is almost pure generation and small values stay close to "
+                        "the image (default 0.8 for img2img, 1 for inpainting)")
+    g.add_argument("--keep-unmasked", action="store_true",
+                   help="with --mask: paste the input's exact pixels back outside the mask")
+    g.add_argument("--width", type=int, help="default: --image's width rounded down to a multiple of 8, "
+                                             "else the model's size")
+    g.add_argument("--height", type=int, help="default: --image's height rounded down to a multiple of 8, "
+                                              "else the model's size")
+    g.add_argument("--steps", type=int, help="sampling steps (default 50; 4 for LCM models)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale; > 1 enables it (default 7.5)")
     g.add_argument("--seed", type=int, help="random seed (default: random, recorded in the PNG)")
-    g.add_argument("--sampler", choices=SAMPLERS, help="default: the model's scheduler, else euler")
+    g.add_argument("--sampler", choices=SAMPLERS,
+                   help="default: the model's scheduler, else euler; lcm for LCM-distilled models (few steps)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on CUDA, float32 elsewhere")

@@ -4,11 +4,13 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import sd
 from sd.cli import main
 from sd.clip import CLIPConfig, CLIPTextModel
 from sd.unet import UNet, UNetConfig
@@ -22,12 +24,36 @@ def tiny_checkpoint(tmp_path_factory):
         "model.diffusion_model.": UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), transformer_depth=(1, 1),
                                                   heads=(8, 8), context_dim=64)),
         "first_stage_model.": AutoencoderKL(VAEConfig(channels=32, channel_mult=(1, 2))),
-        "cond_stage_model.transformer.text_model.": CLIPTextModel(CLIPConfig(width=64, layers=2, heads=1, mlp_width=37)),
+        "cond_stage_model.transformer.text_model.": CLIPTextModel(CLIPConfig(width=64, layers=2, heads=1,
+                                                                             mlp_width=37)),
     }
     state = {prefix + k: v.contiguous() for prefix, m in parts.items() for k, v in m.state_dict().items()}
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save_file(state, str(path))
     return path
+
+
+@pytest.fixture
+def picture(tmp_path):
+    """A random 64x48 RGB PNG."""
+    path = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def mask(tmp_path):
+    """64x48, white (repaint) in the middle, black (keep) around it."""
+    path = tmp_path / "mask.png"
+    array = np.zeros((48, 64), dtype=np.uint8)
+    array[16:32, 16:48] = 255
+    Image.fromarray(array).save(path)
+    return path
+
+
+def run(tiny_checkpoint, out, *args):
+    return main(["generate", "a red circle", "-o", str(out), "--model", str(tiny_checkpoint), "--device", "cpu",
+                 "--steps", "3", "--seed", "7", *map(str, args)])
 
 
 def test_generate_writes_png_with_settings(tiny_checkpoint, tmp_path, capsys):
@@ -54,11 +80,80 @@ def test_missing_weights_say_what_to_download(tmp_path, capsys, monkeypatch):
 
 
 def test_bad_size_is_a_clear_error_not_a_traceback(tiny_checkpoint, tmp_path, capsys):
-    assert main(["generate", "a cat", "--model", str(tiny_checkpoint), "--width", "50", "-o", str(tmp_path / "o.png")]) == 2
+    assert main(["generate", "a cat", "--model", str(tiny_checkpoint), "--width", "50",
+                 "-o", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
     assert "width: must be a positive multiple of 8, got 50" in err and "Traceback" not in err
+
+
+def test_img2img_takes_the_image_size_and_records_strength(tiny_checkpoint, picture, tmp_path):
+    out = tmp_path / "out.png"
+    assert run(tiny_checkpoint, out, "--image", picture, "--strength", "0.7") == 0
+    image = Image.open(out)
+    assert image.size == (64, 48)
+    settings = json.loads(image.text["sd"])
+    assert settings["strength"] == 0.7 and settings["image"] == str(picture) and "mask" not in settings
+    assert (settings["width"], settings["height"]) == (64, 48)
+    assert "Denoising strength: 0.7" in image.text["parameters"]
+
+
+def test_img2img_output_is_the_python_apis(tiny_checkpoint, tmp_path):
+    """The CLI adds nothing of its own: same pixels as sd.load(...).generate(...) with the same settings."""
+    path = tmp_path / "odd.png"  # 61x45: rounded down to 56x40 by the pipeline, not the CLI
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (45, 61, 3), dtype=np.uint8)).save(path)
+    out = tmp_path / "out.png"
+    assert run(tiny_checkpoint, out, "--image", path, "--strength", "0.5", "--sampler", "euler_a",
+               "--negative-prompt", "blue") == 0
+    expected = sd.load(str(tiny_checkpoint), device="cpu").generate(
+        "a red circle", negative_prompt="blue", num_steps=3, seed=7, sampler="euler_a", image=path, strength=0.5)
+    got = Image.open(out)
+    assert got.size == expected.size == (56, 40)
+    assert np.array_equal(np.asarray(got.convert("RGB")), np.asarray(expected))
+
+
+def test_inpainting_keeps_unmasked_pixels_exactly(tiny_checkpoint, picture, mask, tmp_path):
+    out = tmp_path / "out.png"
+    assert run(tiny_checkpoint, out, "--image", picture, "--mask", mask, "--keep-unmasked") == 0
+    image = Image.open(out)
+    settings = json.loads(image.text["sd"])
+    assert settings["strength"] == 1.0 and settings["keep_unmasked"] is True
+    assert settings["image"] == str(picture) and settings["mask"] == str(mask)
+    got, before = np.asarray(image.convert("RGB")), np.asarray(Image.open(picture))
+    keep = np.asarray(Image.open(mask)) == 0
+    assert np.array_equal(got[keep], before[keep])
+    assert not np.array_equal(got[~keep], before[~keep])  # and the masked part was repainted
+
+
+def test_lcm_sampler(tiny_checkpoint, tmp_path):
+    out = tmp_path / "out.png"
+    assert run(tiny_checkpoint, out, "--sampler", "lcm", "--width", "32", "--height", "32", "--steps", "2") == 0
+    settings = json.loads(Image.open(out).text["sd"])
+    assert settings["sampler"] == "lcm" and settings["num_steps"] == 2
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mask", "{mask}"], "mask: needs an image to inpaint"),
+    (["--image", "{picture}", "--strength", "1.5"], "strength: must be a number in [0, 1], got 1.5"),
+    (["--strength", "0.5"], "strength: only applies with an image"),
+    (["--image", "{picture}", "--keep-unmasked"], "keep_unmasked: only applies to inpainting"),
+    (["--image", "{text}"], "image: not a readable image (PNG, JPEG or WebP expected)"),
+    (["--image", "{tmp}/nope.png"], "image: no such file: {tmp}/nope.png"),
+    (["--image", "{picture}", "--mask", "{tmp}/nope.png"], "mask: no such file: {tmp}/nope.png"),
+])
+def test_bad_image_options_are_one_line_errors(tiny_checkpoint, picture, mask, tmp_path, capsys, args, message):
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture")
+    paths = dict(picture=picture, mask=mask, text=text, tmp=tmp_path)
+    out = tmp_path / "out.png"
+    assert run(tiny_checkpoint, out, *(a.format(**paths) for a in args)) == 2
+    err = capsys.readouterr().err
+    assert message.format(**paths) in err and "Traceback" not in err
+    assert not out.exists()
 
 
 def test_console_entry_point_runs():
     done = subprocess.run([sys.executable, "-m", "sd", "generate", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "--negative-prompt" in done.stdout and "--sampler" in done.stdout
+    text = " ".join(done.stdout.split())  # undo argparse's line wrapping
+    for option in ("--image", "--mask", "--strength", "--keep-unmasked", "lcm", "int(steps * strength) steps"):
+        assert option in text
