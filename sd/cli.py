@@ -1,22 +1,17 @@
-"""Command line: `sd generate PROMPT -o out.png --model SOURCE [options]`."""
+"""Command line: `sd generate`, `sd models`, `sd download`, `sd serve`."""
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 from . import SAMPLERS
 
-DEFAULT_CHECKPOINT = "v1-5-pruned-emaonly.safetensors"
-DOWNLOAD_HINT = (f"Download {DEFAULT_CHECKPOINT} from "
-                 "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5 "
-                 "into {dir}/ (or set SD_WEIGHTS_DIR), or pass --model with a .safetensors file or a diffusers folder.")
-
-
-def weights_dir() -> Path:
-    return Path(os.environ.get("SD_WEIGHTS_DIR", "weights"))
+def registry(args):
+    from .models import Registry, default_weights_dir, parse_overrides
+    return Registry(Path(args.weights_dir) if args.weights_dir else default_weights_dir(),
+                    parse_overrides(getattr(args, "model_overrides", None) or []))
 
 
 class ProgressBar:
@@ -54,12 +49,17 @@ def cmd_generate(args) -> int:
     for name, path in inputs.items():  # before loading the model, which takes a while
         if not Path(path).exists():
             raise ValueError(f"{name}: no such file: {path}")
-    model = args.model or str(weights_dir() / DEFAULT_CHECKPOINT)
-    if not Path(model).exists():
-        print(f"error: no weights at {model}.\n" + DOWNLOAD_HINT.format(dir=weights_dir()), file=sys.stderr)
-        return 2
-    print(f"loading {model}", file=sys.stderr)
-    pipe = sd.load(model, unet=args.unet, device=args.device, dtype=args.dtype, lightning_steps=args.lightning_steps)
+    from .models import DEFAULT_MODEL, load_model
+    model = args.model or DEFAULT_MODEL
+    if model.startswith("@cf/"):
+        if args.unet or args.lightning_steps:
+            raise ValueError("--unet / --lightning-steps: a Workers AI id brings its own UNet and settings")
+        print(f"loading {model}", file=sys.stderr)
+        pipe = load_model(model, registry(args), device=args.device, dtype=args.dtype)
+    else:
+        print(f"loading {model}", file=sys.stderr)
+        pipe = sd.load(model, unet=args.unet, device=args.device, dtype=args.dtype,
+                       lightning_steps=args.lightning_steps)
     image = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
                           num_steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
                           image=args.image, mask=args.mask, strength=args.strength, keep_unmasked=args.keep_unmasked,
@@ -71,14 +71,43 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    """The registry: what each model is, whether its weights are here, and how to get them."""
+    reg = registry(args)
+    for entry in reg.describe():
+        state = "present" if entry["present"] else "missing"
+        print(f"{entry['name']:48} {entry['mode']:10} {state:8} {entry['source']}")
+        if not entry["present"]:
+            print(f"{'':48} fetch with: sd download {entry['name']}")
+    return 0
+
+
+def cmd_download(args) -> int:
+    from .models import REGISTRY, download
+    ids = list(REGISTRY) if args.all else args.ids
+    if not ids:
+        raise ValueError(f"ids: name at least one model (or --all): {', '.join(REGISTRY)}")
+    from .download import DownloadError
+    reg = registry(args)
+    for model_id in ids:
+        try:
+            for path in download(model_id, reg):
+                print(f"{model_id}: {path}", file=sys.stderr)
+        except DownloadError as e:  # network and disk trouble: say what and how to resume, no traceback
+            print(f"error: {model_id}: {e}", file=sys.stderr)
+            return 1
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sd", description="Stable Diffusion in plain PyTorch.")
+    p = argparse.ArgumentParser(prog="sd", description="Stable Diffusion in plain PyTorch. "
+                                "`sd serve --help` for the Workers AI compatible server.")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="make an image from a prompt")
     g.add_argument("prompt")
     g.add_argument("-o", "--output", default="out.png", help="PNG to write (default: out.png)")
-    g.add_argument("--model", help=f"a .safetensors checkpoint or a diffusers folder "
-                                   f"(default: $SD_WEIGHTS_DIR/{DEFAULT_CHECKPOINT}, SD_WEIGHTS_DIR=./weights)")
+    g.add_argument("--model", help="a .safetensors checkpoint, a diffusers folder, or a Workers AI id "
+                                   "(`sd models` lists them; default: @cf/runwayml/stable-diffusion-v1-5-img2img)")
     g.add_argument("--unet", help="a UNet-only .safetensors file replacing the model's (e.g. SDXL-Lightning)")
     g.add_argument("--lightning-steps", type=int,
                    help="steps the --unet was distilled for, when its file name doesn't say (..._4step_...)")
@@ -89,13 +118,14 @@ def parser() -> argparse.ArgumentParser:
                    help="how far to move from --image, in [0, 1]: int(steps * strength) steps run from the image "
                         "noised to that level, so 1 is almost pure generation and small values stay close to "
                         "the image (default 0.8 for img2img, 1 for inpainting)")
-    g.add_argument("--keep-unmasked", action="store_true",
-                   help="with --mask: paste the input's exact pixels back outside the mask")
+    g.add_argument("--keep-unmasked", action="store_true", default=None,
+                   help="with --mask: paste the input's exact pixels back outside the mask "
+                        "(always on for the Workers AI inpainting model)")
     g.add_argument("--width", type=int, help="default: --image's width rounded down to a multiple of 8, "
                                              "else the model's size")
     g.add_argument("--height", type=int, help="default: --image's height rounded down to a multiple of 8, "
                                               "else the model's size")
-    g.add_argument("--steps", type=int, help="sampling steps (default 50; 4 for LCM models)")
+    g.add_argument("--steps", type=int, help="sampling steps (default: the model's; 50 for plain files)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale; > 1 enables it (default 7.5)")
     g.add_argument("--seed", type=int, help="random seed (default: random, recorded in the PNG)")
     g.add_argument("--sampler", choices=SAMPLERS,
@@ -103,15 +133,30 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on CUDA, float32 elsewhere")
+    for cmd in (g, m := sub.add_parser("models", help="list the Workers AI models and whether their weights "
+                                                            "are here"),
+                d := sub.add_parser("download", help="fetch a Workers AI model's official weights")):
+        cmd.add_argument("--weights-dir", help="where registry weights live (default: $SD_WEIGHTS_DIR or ./weights)")
+    m.add_argument("--model", dest="model_overrides", action="append", metavar="ID=SOURCE",
+                   help="point a model id at a file or folder instead (repeatable)")
+    d.add_argument("ids", nargs="*", metavar="ID", help="model ids, e.g. @cf/stabilityai/stable-diffusion-xl-base-1.0")
+    d.add_argument("--all", action="store_true", help="every model in the registry")
     g.set_defaults(run=cmd_generate)
+    m.set_defaults(run=cmd_models)
+    d.set_defaults(run=cmd_download)
+    sub.add_parser("serve", help="serve the Workers AI text-to-image API (options: sd serve --help)")
     return p
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:  # the server parses its own options
+        from .server import main as serve
+        return serve(argv[1:])
     args = parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as e:  # bad input or a checkpoint that doesn't fit: no traceback
+    except (ValueError, FileNotFoundError, KeyError) as e:  # bad input, missing weights: no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -1,5 +1,6 @@
 """Pipeline: prompt -> text embeddings -> sampler over latents -> VAE decode -> PIL image."""
 
+import copy
 import random
 import re
 from collections.abc import Callable
@@ -19,7 +20,8 @@ from .schedule import SAMPLERS, SCHEDULER_CLASSES, make_schedule, train_sigmas
 from .tokenizer import ASSETS, EOS, Tokenizer
 from .unet import UNet, timestep_embedding
 from .vae import AutoencoderKL
-from .weights import Checkpoint, build, read_diffusers_folder, read_safetensors, read_single_file, unet_state_dict
+from .weights import (Checkpoint, build, read_diffusers_folder, read_single_file, read_unet_file,
+                      unet_config_from_weights)
 
 DEFAULT_STEPS = 50       # as diffusers' StableDiffusionPipeline
 DEFAULT_GUIDANCE = 7.5
@@ -53,11 +55,27 @@ class Pipeline:
         if self.default_sampler == "dpmpp_2m" and self.schedule_config.use_karras_sigmas:
             self.default_sampler = "dpmpp_2m_karras"
         self.default_steps, self.default_guidance = DEFAULT_STEPS, DEFAULT_GUIDANCE
+        self.default_strength, self.default_keep_unmasked = dict(DEFAULT_STRENGTH), False
         if self.default_sampler == "lcm":
             self.default_steps = LCM_STEPS
             self.default_guidance = LCM_GUIDANCE["distilled" if self.unet.cfg.time_cond_proj_dim else "lora"]
         self.sample_size = checkpoint.sample_size or 512
         self.latent_scale = 2 ** (len(self.vae.cfg.channel_mult) - 1)
+        self._own_defaults = (self.schedule_config, self.default_sampler, self.default_steps, self.default_guidance)
+
+    def with_unet(self, path: str | Path, *, lightning_steps: int | None = None) -> "Pipeline":
+        """A pipeline that shares this one's text encoders, tokenizers and VAE (no copy, no
+        reload) and runs another UNet: from a UNet-only file (either naming) or a full single
+        file of the same family, of which only the UNet is read. Lightning defaults as `load`."""
+        state = read_unet_file(path, self.device, self.dtype)
+        other = copy.copy(self)
+        other.unet = build(UNet, unet_config_from_weights(state, self.family), state, "UNet", str(path))
+        other.schedule_config, other.default_sampler, other.default_steps, other.default_guidance = \
+            self._own_defaults
+        steps = lightning_steps if lightning_steps is not None else lightning_steps_from_name(path)
+        if steps:
+            other.use_lightning(steps)
+        return other
 
     def use_lightning(self, steps: int):
         """SDXL-Lightning (Lin et al. 2024): Euler on "trailing" timesteps, no CFG, the step count
@@ -108,7 +126,7 @@ class Pipeline:
                  height: int | None = None, num_steps: int | None = None, guidance: float | None = None,
                  seed: int | None = None, sampler: str | None = None,
                  image: ImageInput | None = None, mask: ImageInput | None = None, strength: float | None = None,
-                 keep_unmasked: bool = False,
+                 keep_unmasked: bool | None = None,
                  original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> Image.Image:
@@ -124,11 +142,14 @@ class Pipeline:
             small strengths stay close to the input; when that is 0 steps the input comes back
             as it is. Default 0.8 for img2img, 1 for inpainting.
         keep_unmasked: paste the input's own pixels back outside the mask (soft edge inside
-            it), since the VAE round trip otherwise changes them slightly.
+            it), since the VAE round trip otherwise changes them slightly. Default off (on for
+            the Workers AI inpainting model).
 
         SDXL only: `original_size`, `crop_top_left`, `target_size` ((height, width), (top, left),
         (height, width)) condition on the training images' size and crop; by default the image's
         own size, no crop, as diffusers."""
+        if keep_unmasked is None:
+            keep_unmasked = self.default_keep_unmasked and mask is not None
         picture, mask_image = self._read_inputs(image, mask, keep_unmasked)
         if picture is not None:
             width, height = working_size(picture, width, height, max(8, self.latent_scale))
@@ -289,7 +310,7 @@ class Pipeline:
         if strength is not None and not has_image:
             raise ValueError("strength: only applies with an image (img2img or inpainting)")
         if has_image:
-            strength = DEFAULT_STRENGTH["inpaint" if has_mask else "img2img"] if strength is None else strength
+            strength = self.default_strength["inpaint" if has_mask else "img2img"] if strength is None else strength
             if (not isinstance(strength, (int, float)) or isinstance(strength, bool)
                     or not 0 <= strength <= 1):
                 raise ValueError(f"strength: must be a number in [0, 1], got {strength!r}")
@@ -305,8 +326,9 @@ def lightning_steps_from_name(path: str | Path) -> int | None:
 
 def load(source: str | Path, *, unet: str | Path | None = None, device: str | None = None,
          dtype: torch.dtype | str | None = None, lightning_steps: int | None = None) -> Pipeline:
-    """A Pipeline from a single-file checkpoint (.safetensors, official key names) or a
-    diffusers-layout folder (has model_index.json). Weights are read straight into `dtype`
+    """A Pipeline from a single-file checkpoint (.safetensors, official key names), a
+    diffusers-layout folder (has model_index.json), or a Workers AI model id (`@cf/...`, read
+    from $SD_WEIGHTS_DIR as laid out by `sd download`, with that model's defaults). Weights are read straight into `dtype`
     on `device` (defaults: CUDA in float16 when available, else the CPU in float32).
 
     `unet`: a UNet-only file (either naming) that replaces the source's UNet, as SDXL-Lightning
@@ -319,11 +341,14 @@ def load(source: str | Path, *, unet: str | Path | None = None, device: str | No
     dtype = dtype or (torch.float16 if str(device).startswith("cuda") else torch.float32)
     path = Path(source)
     if str(source).startswith("@cf/"):
-        raise ValueError(f"source: Workers AI model ids ({source}) need the model registry, not available yet; "
-                         "pass a .safetensors file or a diffusers folder")
+        if unet is not None or lightning_steps is not None:
+            raise ValueError("source: a Workers AI model id brings its own UNet and settings; "
+                             "unet= and lightning_steps= apply to files and folders")
+        from .models import load_model
+        return load_model(str(source), device=device, dtype=dtype)
     if lightning_steps is not None and (not isinstance(lightning_steps, int) or lightning_steps < 1):
         raise ValueError(f"lightning_steps: must be a whole number of at least 1, got {lightning_steps!r}")
-    unet_sd = unet_state_dict(read_safetensors(unet, device, dtype), unet) if unet is not None else None
+    unet_sd = read_unet_file(unet, device, dtype) if unet is not None else None
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"{path}: a folder source must be in the diffusers layout "

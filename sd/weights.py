@@ -7,6 +7,7 @@ A diffusers folder's UNet and VAE go through the small rule tables below.
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,17 +32,18 @@ StateDict = dict[str, torch.Tensor]
 
 
 def read_safetensors(path: Path, device="cpu", dtype: torch.dtype | None = None,
-                     skip: str | None = None) -> StateDict:
-    """Every tensor of `path` (but those whose key starts with `skip`), each cast straight to
-    `dtype` on `device` one at a time, so no second full-precision copy of the model ever exists."""
+                     skip: str | None = None, only: Callable[[list[str]], str] | None = None) -> StateDict:
+    """Every tensor of `path` (but those whose key starts with `skip`; with `only`, just those
+    starting with the prefix `only(keys)` picks), each cast straight to `dtype` on `device` one at
+    a time, so no second full-precision copy of the model ever exists."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
-            out = {}
+            out, keep = {}, only(list(f.keys())) if only else ""
             for key in f.keys():
-                if skip and key.startswith(skip):
+                if (skip and key.startswith(skip)) or not key.startswith(keep):
                     continue
                 t = f.get_tensor(key)
                 out[key] = t.to(device=device, dtype=dtype if dtype and t.is_floating_point() else t.dtype)
@@ -226,6 +228,18 @@ def openclip_to_hf(sd: StateDict) -> StateDict:
                 k = re.sub(rf"(^|\.){re.escape(old)}\.", rf"\g<1>{new}.", k)
             out[k] = v
     return out
+
+
+def unet_prefix(keys: list[str]) -> str:
+    """Where a file keeps its UNet: under `model.diffusion_model.` in a full single file,
+    at the top level in a UNet-only file."""
+    return "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in keys) else ""
+
+
+def read_unet_file(path, device="cpu", dtype=None) -> StateDict:
+    """The UNet of a UNet-only file (either naming) or of a full single file, in our names;
+    nothing else in the file is read."""
+    return unet_state_dict(read_safetensors(path, device, dtype, only=unet_prefix), path)
 
 
 def unet_state_dict(sd: StateDict, path) -> StateDict:

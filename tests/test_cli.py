@@ -76,7 +76,8 @@ def test_missing_weights_say_what_to_download(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SD_WEIGHTS_DIR", str(tmp_path / "w"))
     assert main(["generate", "a cat", "-o", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
-    assert "v1-5-pruned-emaonly.safetensors" in err and str(tmp_path / "w") in err and "huggingface.co" in err
+    assert str(tmp_path / "w" / "stable-diffusion-v1-5-img2img" / "v1-5-pruned-emaonly.safetensors") in err
+    assert "sd download @cf/runwayml/stable-diffusion-v1-5-img2img" in err and "Traceback" not in err
 
 
 def test_bad_size_is_a_clear_error_not_a_traceback(tiny_checkpoint, tmp_path, capsys):
