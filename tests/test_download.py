@@ -74,8 +74,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             st.drops -= 1
             body = body[:st.drop_after]
             self.close_connection = True
+        st.sent += len(body)  # counted before writing: the client may finish reading before this thread resumes
         self.wfile.write(body)
-        st.sent += len(body)
 
 
 class Server(http.server.ThreadingHTTPServer):
