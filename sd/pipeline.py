@@ -328,8 +328,9 @@ def load(source: str | Path, *, unet: str | Path | None = None, device: str | No
          dtype: torch.dtype | str | None = None, lightning_steps: int | None = None) -> Pipeline:
     """A Pipeline from a single-file checkpoint (.safetensors, official key names), a
     diffusers-layout folder (has model_index.json), or a Workers AI model id (`@cf/...`, read
-    from $SD_WEIGHTS_DIR as laid out by `sd download`, with that model's defaults). Weights are read straight into `dtype`
-    on `device` (defaults: CUDA in float16 when available, else the CPU in float32).
+    from $SD_WEIGHTS_DIR as laid out by `sd download`, with that model's defaults). Weights are
+    read straight into `dtype` on `device` (defaults: CUDA in float16 when available, else the
+    CPU in float32).
 
     `unet`: a UNet-only file (either naming) that replaces the source's UNet, as SDXL-Lightning
     ships. `lightning_steps`: the step count a Lightning UNet was distilled for; read from the

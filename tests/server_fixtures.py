@@ -1,0 +1,236 @@
+"""Real `sd serve` processes on loopback ports, serving tiny random-weight models, for
+tests/test_server.py and tests/test_cloudflare_client.py (loaded by both as a pytest plugin, so the
+servers start once per test session).
+
+The models are single files in the official layout, written from sd's own modules with random
+weights: SD 1.5-shaped (4-channel UNet), SD 1.5 inpainting-shaped (9-channel UNet) and SDXL-shaped
+(two text encoders, `label_emb`). They are small enough to make a 256x256 image in about 0.1 s on a
+CPU: the VAE has four levels (latents 32x32 at 256x256) and 32 channels; attention only at the
+UNet's lowest level.
+"""
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from sd.clip import CLIPConfig, CLIPTextModel
+from sd.unet import UNet, UNetConfig
+from sd.vae import AutoencoderKL, VAEConfig
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "test-token-0123456789"
+SDXL = "@cf/stabilityai/stable-diffusion-xl-base-1.0"
+LIGHTNING = "@cf/bytedance/stable-diffusion-xl-lightning"
+LCM = "@cf/lykon/dreamshaper-8-lcm"
+IMG2IMG = "@cf/runwayml/stable-diffusion-v1-5-img2img"
+INPAINT = "@cf/runwayml/stable-diffusion-v1-5-inpainting"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+BUSY_TIMEOUT = 4  # --timeout of the busy server, seconds
+
+VAE = VAEConfig(channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1)
+TEXT = CLIPConfig(width=64, layers=2, heads=1, mlp_width=37)
+
+
+def _unet(**kw) -> UNet:
+    return UNet(UNetConfig(model_channels=32, channel_mult=(1, 1, 1), num_res_blocks=1, transformer_depth=(0, 0, 1),
+                           heads=(8, 8, 8), context_dim=64, **kw))
+
+
+def _state(parts: dict) -> dict:
+    return {prefix + k: v.contiguous() for prefix, m in parts.items() for k, v in m.state_dict().items()}
+
+
+def write_sd15(path: Path, in_channels: int = 4, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    save_file(_state({"model.diffusion_model.": _unet(in_channels=in_channels),
+                      "first_stage_model.": AutoencoderKL(VAE),
+                      "cond_stage_model.transformer.text_model.": CLIPTextModel(TEXT)}), str(path))
+    return path
+
+
+def _hf_to_openclip(state: dict) -> dict:
+    """Our (Hugging Face named) text tower in the OpenCLIP names SDXL's single file uses for bigG."""
+    layer = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    out = {}
+    for key, v in state.items():
+        if key == "embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = v
+        elif key == "embeddings.position_embedding.weight":
+            out["positional_embedding"] = v
+        elif key.startswith("final_layer_norm."):
+            out["ln_final." + key.rsplit(".", 1)[1]] = v
+        elif key == "text_projection.weight":
+            out["text_projection"] = v.T.contiguous()
+        elif m := re.match(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", key):
+            if m[2] == "q":
+                qkv = [state[f"encoder.layers.{m[1]}.self_attn.{p}_proj.{m[3]}"] for p in "qkv"]
+                out[f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}"] = torch.cat(qkv).contiguous()
+        else:
+            m = re.match(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", key)
+            out[f"transformer.resblocks.{m[1]}.{layer[m[2]]}.{m[3]}"] = v
+    return out
+
+
+def write_sdxl(path: Path, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    width = TEXT.width
+    big_g = CLIPTextModel(CLIPConfig(width=width, layers=2, heads=1, mlp_width=37, act="gelu", projection_dim=width))
+    state = _state({"model.diffusion_model.": UNet(UNetConfig(
+                        model_channels=64, channel_mult=(1, 1, 1), num_res_blocks=1, transformer_depth=(0, 0, 1),
+                        heads=(1, 1, 1), context_dim=2 * width, linear_proj=True, adm_in_channels=width + 6 * 8)),
+                    "first_stage_model.": AutoencoderKL(replace_scaling(VAE, 0.13025)),
+                    "conditioner.embedders.0.transformer.text_model.": CLIPTextModel(TEXT)})
+    state.update({"conditioner.embedders.1.model." + k: v for k, v in _hf_to_openclip(big_g.state_dict()).items()})
+    save_file(state, str(path))
+    return path
+
+
+def replace_scaling(cfg: VAEConfig, factor: float) -> VAEConfig:
+    from dataclasses import replace
+    return replace(cfg, scaling_factor=factor)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def picture(width=256, height=256, seed=0) -> bytes:
+    """A random RGB PNG."""
+    return png_bytes(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def mask_png(width=256, height=256) -> bytes:
+    """White (repaint) in the middle, black (keep) around it."""
+    array = np.zeros((height, width), dtype=np.uint8)
+    array[height // 4:3 * height // 4, width // 4:3 * width // 4] = 255
+    return png_bytes(array)
+
+
+def decode(png: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """`python -m sd.server ARGS` on a free loopback port, its stderr in a file."""
+
+    def __init__(self, args: list[str], log_path: Path, token: str | None = None):
+        self.port, self.token, self.log_path = free_port(), token, log_path
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+               "OMP_NUM_THREADS": "1"}
+        env.pop("SD_API_TOKEN", None)
+        self.log_file = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-m", "sd.server", "--port", str(self.port), "--device", "cpu",
+                                      *args], cwd=REPO, env=env, stdout=self.log_file, stderr=subprocess.STDOUT)
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.token}"} if self.token else {}
+
+    def log(self) -> str:
+        if not self.log_file.closed:
+            self.log_file.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, seconds: float = 60):
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"server not ready after {seconds} s:\n{self.log()}")
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=kw.pop("timeout", 60), **kw)
+
+    def stop(self, seconds: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(seconds)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log_file.close()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("server-models")
+    corrupt = folder / "corrupt.safetensors"
+    corrupt.write_bytes(b"this is not a safetensors file, just text" * 10)
+    no_index = folder / "not-a-diffusers-folder"
+    no_index.mkdir()
+    return {"sd15": write_sd15(folder / "tiny-sd15.safetensors"),
+            "inpaint": write_sd15(folder / "tiny-sd15-inpainting.safetensors", in_channels=9, seed=1),
+            "sdxl": write_sdxl(folder / "tiny-sdxl.safetensors", seed=2),
+            "corrupt": corrupt, "no_index": no_index, "missing": folder / "no-such-file.safetensors"}
+
+
+def _servers(tiny_models, tmp_path_factory):
+    logs = tmp_path_factory.mktemp("server-logs")
+    empty = tmp_path_factory.mktemp("empty-weights")
+    m = tiny_models
+    main = ServerProcess(["--weights-dir", str(empty), "--api-token", TOKEN, "--max-body-mb", "4",
+                          "--model", f"{IMG2IMG}={m['sd15']}", "--model", f"{LCM}={m['sd15']}",
+                          "--model", f"{INPAINT}={m['inpaint']}", "--model", f"{SDXL}={m['sdxl']}",
+                          "--model", f"{LIGHTNING}={m['sdxl']}"], logs / "main.log", token=TOKEN)
+    # No token; one request at a time plus one waiting; models that can't load.
+    busy = ServerProcess(["--weights-dir", str(empty), "--queue-size", "1", "--timeout", str(BUSY_TIMEOUT),
+                          "--model", f"{IMG2IMG}={m['sd15']}", "--model", f"{LCM}={m['missing']}",
+                          "--model", f"{SDXL}={m['corrupt']}", "--model", f"{INPAINT}={m['no_index']}"],
+                         logs / "busy.log")
+    return main, busy
+
+
+@pytest.fixture(scope="session")
+def servers(tiny_models, tmp_path_factory):
+    started = _servers(tiny_models, tmp_path_factory)
+    try:
+        for server in started:  # started together, waited for in turn
+            server.wait_ready()
+        yield started
+    finally:
+        for server in started:
+            server.stop()
+
+
+@pytest.fixture(scope="session")
+def server(servers) -> ServerProcess:
+    """Every model on tiny weights; an API token; a 4 MiB body limit; the default queue (32)."""
+    return servers[0]
+
+
+@pytest.fixture(scope="session")
+def busy_server(servers) -> ServerProcess:
+    """No token; --queue-size 1; the img2img model only; the lcm id points at a missing file, SDXL at a
+    corrupt one, inpainting at a folder without model_index.json, Lightning at an empty weights dir."""
+    return servers[1]
