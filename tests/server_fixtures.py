@@ -11,7 +11,6 @@ UNet's lowest level.
 
 import io
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -26,6 +25,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+from helpers import hf_to_openclip
 from sd.clip import CLIPConfig, CLIPTextModel
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
@@ -61,30 +61,6 @@ def write_sd15(path: Path, in_channels: int = 4, seed: int = 0) -> Path:
     return path
 
 
-def _hf_to_openclip(state: dict) -> dict:
-    """Our (Hugging Face named) text tower in the OpenCLIP names SDXL's single file uses for bigG."""
-    layer = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
-             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-    out = {}
-    for key, v in state.items():
-        if key == "embeddings.token_embedding.weight":
-            out["token_embedding.weight"] = v
-        elif key == "embeddings.position_embedding.weight":
-            out["positional_embedding"] = v
-        elif key.startswith("final_layer_norm."):
-            out["ln_final." + key.rsplit(".", 1)[1]] = v
-        elif key == "text_projection.weight":
-            out["text_projection"] = v.T.contiguous()
-        elif m := re.match(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", key):
-            if m[2] == "q":
-                qkv = [state[f"encoder.layers.{m[1]}.self_attn.{p}_proj.{m[3]}"] for p in "qkv"]
-                out[f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}"] = torch.cat(qkv).contiguous()
-        else:
-            m = re.match(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", key)
-            out[f"transformer.resblocks.{m[1]}.{layer[m[2]]}.{m[3]}"] = v
-    return out
-
-
 def write_sdxl(path: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     width = TEXT.width
@@ -94,7 +70,7 @@ def write_sdxl(path: Path, seed: int = 0) -> Path:
                         heads=(1, 1, 1), context_dim=2 * width, linear_proj=True, adm_in_channels=width + 6 * 8)),
                     "first_stage_model.": AutoencoderKL(replace_scaling(VAE, 0.13025)),
                     "conditioner.embedders.0.transformer.text_model.": CLIPTextModel(TEXT)})
-    state.update({"conditioner.embedders.1.model." + k: v for k, v in _hf_to_openclip(big_g.state_dict()).items()})
+    state.update({"conditioner.embedders.1.model." + k: v for k, v in hf_to_openclip(big_g.state_dict()).items()})
     save_file(state, str(path))
     return path
 
