@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .api import MAX_SIDE  # the API's limit on width and height
 from .images import read_image
 
 WEIGHTS_DIR_ENV = "SD_WEIGHTS_DIR"
@@ -85,7 +86,6 @@ _SPECS = [
 ]
 REGISTRY: dict[str, ModelSpec] = {spec.id: spec for spec in _SPECS}
 DEFAULT_MODEL = "@cf/runwayml/stable-diffusion-v1-5-img2img"
-MAX_SIDE = 2048  # the API's limit on width and height
 
 
 class UnknownModel(KeyError):
@@ -152,9 +152,17 @@ class Registry:
                  "source": str(self.sources(s.id)[0])} for s in _SPECS]
 
 
+def _modules(pipe) -> list:
+    return [pipe.unet, pipe.vae, *pipe.text_encoders]
+
+
+def _module_bytes(module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
 def pipeline_bytes(pipe) -> int:
-    modules = [pipe.unet, pipe.vae, *pipe.text_encoders]
-    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    """The memory a pipeline's weights take, counting each module it holds."""
+    return sum(map(_module_bytes, _modules(pipe)))
 
 
 def memory_budget(device: str) -> int:
@@ -203,13 +211,9 @@ class Models:
             torch.cuda.empty_cache()
 
     def used_bytes(self) -> int:
-        seen, total = set(), 0
-        for pipe in self.cache.values():
-            for m in [pipe.unet, pipe.vae, *pipe.text_encoders]:
-                if id(m) not in seen:
-                    seen.add(id(m))
-                    total += sum(p.numel() * p.element_size() for p in m.parameters())
-        return total
+        """Weights held by the cache, a module shared by several pipelines counted once."""
+        unique = {id(m): m for pipe in self.cache.values() for m in _modules(pipe)}
+        return sum(map(_module_bytes, unique.values()))
 
     def generate(self, model_id: str, prompt: str, *, image=None, mask=None, width=None, height=None,
                  **settings) -> Image.Image:

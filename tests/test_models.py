@@ -13,7 +13,7 @@ import sd
 from helpers import randomize_params
 from sd import unet as sd_unet
 from sd.models import (REGISTRY, Models, Registry, UnknownModel, WeightsMissing, load_model, parse_overrides,
-                       spec_of)
+                       pipeline_bytes, spec_of)
 from test_cli import tiny_checkpoint  # noqa: F401  (fixture)
 from test_sdxl import UNET_XL, single_file  # noqa: F401  (fixture)
 
@@ -109,12 +109,7 @@ def test_base_and_lightning_share_encoders_and_vae(weights):
     assert np.array_equal(np.asarray(lightning.generate("a fox", **kwargs)),
                           np.asarray(alone.generate("a fox", **kwargs)))
     # Shared modules count once.
-    assert models.used_bytes() < sum(pipe_bytes for pipe_bytes in map(_bytes, (base, lightning)))
-
-
-def _bytes(pipe):
-    return sum(p.numel() * p.element_size() for m in (pipe.unet, pipe.vae, *pipe.text_encoders)
-               for p in m.parameters())
+    assert models.used_bytes() < pipeline_bytes(base) + pipeline_bytes(lightning)
 
 
 def test_cache_evicts_least_recently_used_beyond_its_budget(weights):
