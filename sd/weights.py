@@ -230,6 +230,34 @@ def openclip_to_hf(sd: StateDict) -> StateDict:
     return out
 
 
+def hf_to_openclip(sd_: StateDict) -> StateDict:
+    """The inverse of `openclip_to_hf`, for writing SDXL single files (tests, benchmarks): our
+    (Hugging Face named) bigG text tower -> OpenCLIP names as SDXL's single file stores them:
+    q/k/v fused into `attn.in_proj_*`, `positional_embedding` without `.weight`, and `text_projection`
+    as the matrix P used as x @ P, i.e. the transpose of the Linear weight."""
+    out = {}
+    layer_names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    for key, v in sd_.items():
+        if key == "embeddings.token_embedding.weight":
+            out["token_embedding.weight"] = v
+        elif key == "embeddings.position_embedding.weight":
+            out["positional_embedding"] = v
+        elif key.startswith("final_layer_norm."):
+            out["ln_final." + key.split(".")[-1]] = v
+        elif key == "text_projection.weight":
+            out["text_projection"] = v.T.contiguous()
+        elif m := re.match(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", key):
+            if m[2] == "q":
+                parts = [sd_[f"encoder.layers.{m[1]}.self_attn.{p}_proj.{m[3]}"] for p in "qkv"]
+                out[f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}"] = torch.cat(parts).contiguous()
+        elif m := re.match(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", key):
+            out[f"transformer.resblocks.{m[1]}.{layer_names[m[2]]}.{m[3]}"] = v
+        else:
+            raise KeyError(f"{key}: not a CLIP text tower tensor name")
+    return out
+
+
 def unet_prefix(keys: list[str]) -> str:
     """Where a file keeps its UNet: under `model.diffusion_model.` in a full single file,
     at the top level in a UNet-only file."""

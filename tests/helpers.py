@@ -1,7 +1,6 @@
 """Shared helpers for the parity tests against diffusers / transformers."""
 
 import math
-import re
 
 import numpy as np
 import torch
@@ -181,35 +180,6 @@ def assert_same_image(ours, ref: np.ndarray, name: str) -> float:
     assert diff.max() <= PIXEL_TOL, (f"{name}: max pixel difference {diff.max():.3f} > {PIXEL_TOL} "
                                      f"({(diff > PIXEL_TOL).mean():.1%} of values differ)")
     return float(diff.max())
-
-
-# ---------------------------------------------------------------- SDXL's OpenCLIP names
-
-def hf_to_openclip(sd_: dict) -> dict:
-    """Our (Hugging Face named) bigG text tower -> OpenCLIP names as SDXL's single file stores them:
-    q/k/v fused into `attn.in_proj_*`, `positional_embedding` without `.weight`, and `text_projection`
-    as the matrix P used as x @ P, i.e. the transpose of the Linear weight."""
-    out = {}
-    layer_names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
-                   "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-    for key, v in sd_.items():
-        if key == "embeddings.token_embedding.weight":
-            out["token_embedding.weight"] = v
-        elif key == "embeddings.position_embedding.weight":
-            out["positional_embedding"] = v
-        elif key.startswith("final_layer_norm."):
-            out["ln_final." + key.split(".")[-1]] = v
-        elif key == "text_projection.weight":
-            out["text_projection"] = v.T.contiguous()
-        elif m := re.match(r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)$", key):
-            if m[2] == "q":
-                parts = [sd_[f"encoder.layers.{m[1]}.self_attn.{p}_proj.{m[3]}"] for p in "qkv"]
-                out[f"transformer.resblocks.{m[1]}.attn.in_proj_{m[3]}"] = torch.cat(parts).contiguous()
-        elif m := re.match(r"encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$", key):
-            out[f"transformer.resblocks.{m[1]}.{layer_names[m[2]]}.{m[3]}"] = v
-        else:
-            raise AssertionError(f"unmapped bigG key {key}")
-    return out
 
 
 def tiny_sd15_components(text_width: int = 64, in_channels: int = 4, time_cond_proj_dim: int | None = None) -> dict:

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from helpers import hf_to_openclip
+from sd.weights import hf_to_openclip
 from sd.clip import CLIPConfig, CLIPTextModel
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig

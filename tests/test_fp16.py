@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import sd
-from helpers import hf_to_openclip
+from sd.weights import hf_to_openclip
 from sd.clip import CLIPConfig, CLIPTextModel
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig

@@ -38,11 +38,12 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 from transformers import CLIPTextModel as HFCLIPTextModel
 
 import sd
-from helpers import SAMPLERS, assert_same_image, hf_to_openclip, randomize_params
+from helpers import SAMPLERS, assert_same_image, randomize_params
 from sd import clip as sd_clip
 from sd import unet as sd_unet
 from sd import vae as sd_vae
 from sd.schedule import ScheduleConfig
+from sd.weights import hf_to_openclip
 from sd.tokenizer import ASSETS
 
 KEYS = Path(__file__).parent / "data" / "checkpoint-keys"
