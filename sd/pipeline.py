@@ -20,7 +20,8 @@ from .schedule import SAMPLERS, SCHEDULER_CLASSES, make_schedule, train_sigmas
 from .tokenizer import ASSETS, EOS, Tokenizer
 from .unet import UNet, timestep_embedding
 from .vae import AutoencoderKL
-from .weights import (Checkpoint, build, read_diffusers_folder, read_single_file, read_unet_file,
+from .tiny import apply_preset
+from .weights import (Checkpoint, build, read_diffusers_folder, read_metadata, read_single_file, read_unet_file,
                       unet_config_from_weights)
 
 DEFAULT_STEPS = 50       # as diffusers' StableDiffusionPipeline
@@ -363,6 +364,8 @@ def load(source: str | Path, *, unet: str | Path | None = None, device: str | No
                                 "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5, "
                                 "into weights/ (see weights/README.md)")
     pipe = Pipeline(checkpoint, device, dtype)
+    if path.is_file():
+        apply_preset(pipe, read_metadata(path), path)
     steps = lightning_steps if lightning_steps is not None else lightning_steps_from_name(unet or source)
     if steps:
         pipe.use_lightning(steps)

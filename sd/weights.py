@@ -54,6 +54,12 @@ def read_safetensors(path: Path, device="cpu", dtype: torch.dtype | None = None,
         raise CheckpointError(f"{path}: cannot read: {hint} [{e}]") from None
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """The free-form `__metadata__` strings of a safetensors file's header."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        return f.metadata() or {}
+
+
 def split_prefix(sd: StateDict, prefix: str) -> StateDict:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix) and not SKIPPED.search(k[len(prefix):])}
 
