@@ -43,14 +43,32 @@ def png_metadata(settings: dict, model: str):
     return info
 
 
+def default_model(reg) -> str:
+    """SD 1.5 when its weights are here, else any registry model that is, else the tiny model
+    shipped in the package, so a fresh install makes a picture offline."""
+    from .models import DEFAULT_MODEL, REGISTRY
+    from .tiny import CHECKPOINT
+    for model_id in (DEFAULT_MODEL, *REGISTRY):
+        if not reg.missing(model_id):
+            return model_id
+    print(f"no model weights in {reg.weights_dir}: using the tiny model shipped with sd, which draws one "
+          "coloured shape (circle, square, triangle) on a plain background at 64x64, e.g. "
+          '"a small red circle on the left, blue background". For Stable Diffusion 1.5: '
+          f"sd download {DEFAULT_MODEL}", file=sys.stderr)
+    return str(CHECKPOINT)
+
+
 def cmd_generate(args) -> int:
     import sd
     inputs = {name: path for name, path in (("image", args.image), ("mask", args.mask)) if path is not None}
     for name, path in inputs.items():  # before loading the model, which takes a while
         if not Path(path).exists():
             raise ValueError(f"{name}: no such file: {path}")
-    from .models import DEFAULT_MODEL, load_model
-    model = args.model or DEFAULT_MODEL
+    from .models import load_model
+    model = args.model or default_model(registry(args))
+    if model == "tiny":
+        from .tiny import CHECKPOINT
+        model = str(CHECKPOINT)
     if model.startswith("@cf/"):
         if args.unet or args.lightning_steps:
             raise ValueError("--unet / --lightning-steps: a Workers AI id brings its own UNet and settings")
@@ -79,6 +97,8 @@ def cmd_models(args) -> int:
         print(f"{entry['name']:48} {entry['mode']:10} {state:8} {entry['source']}")
         if not entry["present"]:
             print(f"{'':48} fetch with: sd download {entry['name']}")
+    from .tiny import CHECKPOINT
+    print(f"{'tiny':48} {'txt2img':10} {'shipped':8} {CHECKPOINT}")
     return 0
 
 
@@ -106,8 +126,9 @@ def parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="make an image from a prompt")
     g.add_argument("prompt")
     g.add_argument("-o", "--output", default="out.png", help="PNG to write (default: out.png)")
-    g.add_argument("--model", help="a .safetensors checkpoint, a diffusers folder, or a Workers AI id "
-                                   "(`sd models` lists them; default: @cf/runwayml/stable-diffusion-v1-5-img2img)")
+    g.add_argument("--model", help="a .safetensors checkpoint, a diffusers folder, a Workers AI id (`sd models` "
+                                   "lists them), or `tiny` (default: SD 1.5 when downloaded, else the first model "
+                                   "downloaded, else the tiny shapes model shipped with sd)")
     g.add_argument("--unet", help="a UNet-only .safetensors file replacing the model's (e.g. SDXL-Lightning)")
     g.add_argument("--lightning-steps", type=int,
                    help="steps the --unet was distilled for, when its file name doesn't say (..._4step_...)")

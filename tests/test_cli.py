@@ -74,7 +74,8 @@ def test_generate_writes_png_with_settings(tiny_checkpoint, tmp_path, capsys):
 
 def test_missing_weights_say_what_to_download(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SD_WEIGHTS_DIR", str(tmp_path / "w"))
-    assert main(["generate", "a cat", "-o", str(tmp_path / "o.png")]) == 2
+    assert main(["generate", "a cat", "--model", "@cf/runwayml/stable-diffusion-v1-5-img2img",
+                 "-o", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "w" / "stable-diffusion-v1-5-img2img" / "v1-5-pruned-emaonly.safetensors") in err
     assert "sd download @cf/runwayml/stable-diffusion-v1-5-img2img" in err and "Traceback" not in err
