@@ -326,7 +326,8 @@ def lightning_steps_from_name(path: str | Path) -> int | None:
 
 
 def load(source: str | Path, *, unet: str | Path | None = None, device: str | None = None,
-         dtype: torch.dtype | str | None = None, lightning_steps: int | None = None) -> Pipeline:
+         dtype: torch.dtype | str | None = None, lightning_steps: int | None = None,
+         compile: bool = False) -> Pipeline:
     """A Pipeline from a single-file checkpoint (.safetensors, official key names), a
     diffusers-layout folder (has model_index.json), or a Workers AI model id (`@cf/...`, read
     from $SD_WEIGHTS_DIR as laid out by `sd download`, with that model's defaults). Weights are
@@ -335,7 +336,8 @@ def load(source: str | Path, *, unet: str | Path | None = None, device: str | No
 
     `unet`: a UNet-only file (either naming) that replaces the source's UNet, as SDXL-Lightning
     ships. `lightning_steps`: the step count a Lightning UNet was distilled for; read from the
-    file name (`..._4step_...`) when not given."""
+    file name (`..._4step_...`) when not given. `compile`: run the UNet and the VAE decoder
+    through torch.compile (the first generate at each size pays for compiling)."""
     device = device or default_device()
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -369,6 +371,9 @@ def load(source: str | Path, *, unet: str | Path | None = None, device: str | No
     steps = lightning_steps if lightning_steps is not None else lightning_steps_from_name(unet or source)
     if steps:
         pipe.use_lightning(steps)
+    if compile:
+        pipe.unet.compile()
+        pipe.vae.decoder.compile()
     return pipe
 
 
