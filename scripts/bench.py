@@ -124,7 +124,6 @@ def write_diffusers_configs(model: str, folder: Path):
                  "force_zeros_for_empty_prompt": True}
         encoders = {"text_encoder": clip_config(CLIP_L, False), "text_encoder_2": clip_config(CLIP_BIG_G, True)}
         vae_scale = VAE_SDXL.scaling_factor
-        euler["timestep_spacing"] = "leading"
     vae = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
            "latent_channels": 4, "scaling_factor": vae_scale, "force_upcast": model == "sdxl"}

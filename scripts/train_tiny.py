@@ -151,8 +151,7 @@ def rescale_latents(vae: AutoencoderKL, images: np.ndarray, device) -> float:
     standard deviation: the encoder's mean and log-variance outputs become a*mean and
     logvar + 2 ln a, and the decoder's first 1x1 convolution divides its input by a. The
     decoded pictures do not change. Returns a."""
-    std = torch.cat([vae.encode(pixels(images[i:i + 256], device)).mean for i in range(0, 2048, 256)]).std()
-    a = 1 / (VAE_SD15.scaling_factor * std.item())
+    a = 1 / (VAE_SD15.scaling_factor * latent_means(vae, images[:2048], device).std().item())
     c = vae.cfg.latent_channels
     vae.quant_conv.weight[:c] *= a
     vae.quant_conv.bias[:c] *= a
@@ -162,10 +161,9 @@ def rescale_latents(vae: AutoencoderKL, images: np.ndarray, device) -> float:
 
 
 @torch.no_grad()
-def encode_all(vae: AutoencoderKL, images: np.ndarray, device) -> torch.Tensor:
-    """Scaled latents of every picture, computed once: the posterior's mean (its spread is tiny)."""
-    return torch.cat([vae.encode(pixels(images[i:i + 256], device)).mean
-                      for i in range(0, len(images), 256)]) * VAE_SD15.scaling_factor
+def latent_means(vae: AutoencoderKL, images: np.ndarray, device, batch: int = 256) -> torch.Tensor:
+    """The posterior's mean for every picture (its spread is tiny), unscaled."""
+    return torch.cat([vae.encode(pixels(images[i:i + batch], device)).mean for i in range(0, len(images), batch)])
 
 
 def train_diffusion(latents: torch.Tensor, scenes: list, args, log: Log) -> tuple[UNet, CLIPTextModel]:
@@ -248,7 +246,7 @@ def main():
     vae = train_vae(images, args, log)
     check_autoencoder(vae, args)
     a = rescale_latents(vae, images, args.device)
-    latents = encode_all(vae, images, args.device)
+    latents = latent_means(vae, images, args.device) * VAE_SD15.scaling_factor  # computed once
     print(f"latent space scaled by {a:.3f}; scaled latents: std {latents.std():.3f}", flush=True)
     unet, clip = train_diffusion(latents, scenes, args, log)
     save_checkpoint(args.out, unet, vae, clip)

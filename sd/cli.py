@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from . import SAMPLERS
+from .tiny import CHECKPOINT
 
 def registry(args):
     from .models import Registry, default_weights_dir, parse_overrides
@@ -47,7 +48,6 @@ def default_model(reg) -> str:
     """SD 1.5 when its weights are here, else any registry model that is, else the tiny model
     shipped in the package, so a fresh install makes a picture offline."""
     from .models import DEFAULT_MODEL, REGISTRY
-    from .tiny import CHECKPOINT
     for model_id in (DEFAULT_MODEL, *REGISTRY):
         if not reg.missing(model_id):
             return model_id
@@ -67,7 +67,6 @@ def cmd_generate(args) -> int:
     from .models import load_model
     model = args.model or default_model(registry(args))
     if model == "tiny":
-        from .tiny import CHECKPOINT
         model = str(CHECKPOINT)
     if model.startswith("@cf/"):
         if args.unet or args.lightning_steps:
@@ -97,7 +96,6 @@ def cmd_models(args) -> int:
         print(f"{entry['name']:48} {entry['mode']:10} {state:8} {entry['source']}")
         if not entry["present"]:
             print(f"{'':48} fetch with: sd download {entry['name']}")
-    from .tiny import CHECKPOINT
     print(f"{'tiny':48} {'txt2img':10} {'shipped':8} {CHECKPOINT}")
     return 0
 

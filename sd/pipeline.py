@@ -20,8 +20,7 @@ from .schedule import SAMPLERS, SCHEDULER_CLASSES, make_schedule, train_sigmas
 from .tokenizer import ASSETS, EOS, Tokenizer
 from .unet import UNet, timestep_embedding
 from .vae import AutoencoderKL
-from .tiny import apply_preset
-from .weights import (Checkpoint, build, read_diffusers_folder, read_metadata, read_single_file, read_unet_file,
+from .weights import (Checkpoint, build, read_diffusers_folder, read_single_file, read_unet_file,
                       unet_config_from_weights)
 
 DEFAULT_STEPS = 50       # as diffusers' StableDiffusionPipeline
@@ -60,6 +59,10 @@ class Pipeline:
         if self.default_sampler == "lcm":
             self.default_steps = LCM_STEPS
             self.default_guidance = LCM_GUIDANCE["distilled" if self.unet.cfg.time_cond_proj_dim else "lora"]
+        preset = checkpoint.defaults
+        self.default_sampler = preset.get("sampler", self.default_sampler)
+        self.default_steps = preset.get("num_steps", self.default_steps)
+        self.default_guidance = preset.get("guidance", self.default_guidance)
         self.sample_size = checkpoint.sample_size or 512
         self.latent_scale = 2 ** (len(self.vae.cfg.channel_mult) - 1)
         self._own_defaults = (self.schedule_config, self.default_sampler, self.default_steps, self.default_guidance)
@@ -366,8 +369,6 @@ def load(source: str | Path, *, unet: str | Path | None = None, device: str | No
                                 "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5, "
                                 "into weights/ (see weights/README.md)")
     pipe = Pipeline(checkpoint, device, dtype)
-    if path.is_file():
-        apply_preset(pipe, read_metadata(path), path)
     steps = lightning_steps if lightning_steps is not None else lightning_steps_from_name(unet or source)
     if steps:
         pipe.use_lightning(steps)

@@ -16,6 +16,7 @@ from safetensors import SafetensorError, safe_open
 
 from .clip import CLIP_BIG_G, CLIP_L, CLIPConfig
 from .schedule import ScheduleConfig
+from .tiny import apply_preset
 from .unet import SD15, SDXL, UNetConfig
 from .vae import VAE_SD15, VAE_SDXL, VAEConfig
 
@@ -301,6 +302,7 @@ class Checkpoint:
     scheduler_class: str | None = None            # diffusers class named by the folder, if any
     sample_size: int | None = None                # default image side in pixels
     vae_force_upcast: bool = False                # the VAE overflows in float16 (SDXL's does)
+    defaults: dict = field(default_factory=dict)  # sampler / num_steps / guidance a preset names (sd/tiny.py)
 
 
 def detect_family(unet_sd: StateDict) -> str:
@@ -319,7 +321,8 @@ def _check_replacement(unet: StateDict, base_is_sdxl: bool, source):
 def read_single_file(path: Path, device="cpu", dtype=None, unet: StateDict | None = None) -> Checkpoint:
     """`unet`: a replacement UNet (our names); the file's own UNet is then not read at all."""
     skip = "model.diffusion_model." if unet is not None else None
-    return single_file_checkpoint(read_safetensors(path, device, dtype, skip), path, unet)
+    checkpoint = single_file_checkpoint(read_safetensors(path, device, dtype, skip), path, unet)
+    return apply_preset(checkpoint, read_metadata(path), path)
 
 
 def single_file_checkpoint(sd: StateDict, path, unet: StateDict | None = None) -> Checkpoint:
