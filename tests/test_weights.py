@@ -182,3 +182,21 @@ def test_a_file_without_a_unet_or_a_folder_without_model_index(tmp_path):
         sd.load(tmp_path / "folder", device="cpu")
     with pytest.raises(FileNotFoundError, match="huggingface.co"):
         sd.load(tmp_path / "missing.safetensors", device="cpu")
+
+
+def test_loading_runs_no_initialiser_and_leaves_torch_layers_as_they_were(monkeypatch):
+    """Every weight comes from the file: building the models draws nothing, and the layer
+    classes get their own reset_parameters back afterwards."""
+    from sd.tiny import CHECKPOINT
+    from sd.weights import INITIALISED_LAYERS
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a weight initialiser ran while loading")
+    before = {cls: cls.reset_parameters for cls in INITIALISED_LAYERS}
+    for name in ("kaiming_uniform_", "uniform_", "normal_", "ones_", "zeros_"):
+        monkeypatch.setattr(torch.nn.init, name, refuse)
+    pipe = sd.load(CHECKPOINT, device="cpu")
+    monkeypatch.undo()
+    assert {cls: cls.reset_parameters for cls in INITIALISED_LAYERS} == before
+    assert all(not p.is_meta and not p.requires_grad for p in pipe.unet.parameters())
+    assert torch.nn.Linear(8, 8).weight.abs().sum() > 0  # layers built afterwards are initialised again
