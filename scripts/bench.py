@@ -23,7 +23,7 @@ import torch
 
 import sd
 from sd.clip import CLIP_BIG_G, CLIP_L, CLIPTextModel
-from sd.tokenizer import ASSETS
+from sd.tokenizer import ASSETS, bpe_model
 from sd.unet import SD15, SDXL, UNet
 from sd.vae import VAE_SD15, VAE_SDXL, AutoencoderKL
 from sd.weights import hf_to_openclip
@@ -231,7 +231,10 @@ class Ours:
     name = "sd"
 
     def __init__(self, path, device, dtype, compile=False):
-        self.load = lambda: sd.load(path, device=device, dtype=dtype, compile=compile)
+        def load():
+            bpe_model.cache_clear()  # each load reads the vocabulary, as the first in a process does
+            return sd.load(path, device=device, dtype=dtype, compile=compile)
+        self.load = load
 
     def setup(self, pipe):
         self.pipe = pipe
@@ -259,6 +262,9 @@ class Diffusers:
 
     def __init__(self, path, device, dtype, model, config_dir):
         from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers.utils import logging
+        logging.disable_progress_bar()  # "Loading pipeline components" bars and warnings would bury the table
+        logging.set_verbosity_error()
         cls = StableDiffusionXLPipeline if model == "sdxl" else StableDiffusionPipeline
         extra = {} if model == "sdxl" else {"safety_checker": None, "requires_safety_checker": False}
 

@@ -12,7 +12,7 @@ import torch
 from transformers import CLIPTokenizer
 
 import sd.tokenizer
-from sd.tokenizer import Tokenizer
+from sd.tokenizer import Tokenizer, bpe_model
 
 ASSETS = Path(sd.tokenizer.__file__).parent / "assets"
 BOS, EOS, BANG = 49406, 49407, 0
@@ -161,3 +161,11 @@ def test_bang_in_prompt_matches_transformers_bang_tokenizer(tok_bang, hf_bang, t
     '!' as a special token: 'hello!' -> [..., 3306, 0, 49407], where OpenCLIP would write 256
     ('!</w>'). sd follows diffusers, so SDXL images match for such prompts too."""
     assert torch.equal(tok_bang([text]), hf_ids(hf_bang, [text]))
+
+
+def test_tokenizers_of_one_vocabulary_share_one_reading_of_it_but_not_their_padding():
+    bpe_model.cache_clear()
+    clip_l, big_g = Tokenizer(), Tokenizer(pad_token="!")  # SDXL's pair
+    assert (bpe_model.cache_info().misses, bpe_model.cache_info().hits) == (1, 1)
+    # "!" is a special token (id 0) for bigG only: sharing the BPE model must not leak it.
+    assert clip_l("wow!")[0, 2].item() == 256 and big_g("wow!")[0, 2].item() == 0
