@@ -1,5 +1,5 @@
-"""Reading checkpoints: safetensors files, the official single-file layout, the diffusers
-folder layout, and working out the model family and configs from what is stored.
+"""Reading checkpoints: the official single-file layout, the diffusers folder layout, and
+working out the model family and configs from what is stored.
 
 Our modules are named after the single-file keys, so a single file needs no renaming.
 A diffusers folder's UNet and VAE go through the small rule tables below.
@@ -8,59 +8,23 @@ A diffusers folder's UNet and VAE go through the small rule tables below.
 import json
 import re
 import threading
-from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from .clip import CLIP_BIG_G, CLIP_L, CLIPConfig
 from .schedule import ScheduleConfig
+from .tensorfile import CheckpointError, StateDict, read_metadata, read_safetensors  # noqa: F401 (re-exported)
 from .tiny import apply_preset
 from .unet import SD15, SDXL, UNetConfig
 from .vae import VAE_SD15, VAE_SDXL, VAEConfig
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file or folder that cannot be read or does not fit the model."""
-
-
 # Tensors real files carry that no model needs: skipped, never an error.
 SKIPPED = re.compile(r"(^|\.)position_ids$|^logit_scale$|^betas$|^alphas_cumprod|^posterior_|^model_ema\."
                      r"|num_batches_tracked$|^sqrt_|^log_one_minus")
-
-StateDict = dict[str, torch.Tensor]
-
-
-def read_safetensors(path: Path, device="cpu", dtype: torch.dtype | None = None,
-                     skip: str | None = None, only: Callable[[list[str]], str] | None = None) -> StateDict:
-    """Every tensor of `path` (but those whose key starts with `skip`; with `only`, just those
-    starting with the prefix `only(keys)` picks), each cast straight to `dtype` on `device` one at
-    a time, so no second full-precision copy of the model ever exists."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint file")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            out, keep = {}, only(list(f.keys())) if only else ""
-            for key in f.keys():
-                if (skip and key.startswith(skip)) or not key.startswith(keep):
-                    continue
-                t = f.get_tensor(key)
-                out[key] = t.to(device=device, dtype=dtype if dtype and t.is_floating_point() else t.dtype)
-            return out
-    except SafetensorError as e:
-        hint = ("the file is truncated (an interrupted download?)" if "incomplete" in str(e)
-                else "it is not a safetensors file (.ckpt pickles are not loaded, for safety)")
-        raise CheckpointError(f"{path}: cannot read: {hint} [{e}]") from None
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    """The free-form `__metadata__` strings of a safetensors file's header."""
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        return f.metadata() or {}
 
 
 def split_prefix(sd: StateDict, prefix: str) -> StateDict:

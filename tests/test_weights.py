@@ -200,3 +200,27 @@ def test_loading_runs_no_initialiser_and_leaves_torch_layers_as_they_were(monkey
     assert {cls: cls.reset_parameters for cls in INITIALISED_LAYERS} == before
     assert all(not p.is_meta and not p.requires_grad for p in pipe.unet.parameters())
     assert torch.nn.Linear(8, 8).weight.abs().sum() > 0  # layers built afterwards are initialised again
+
+
+def _resident_peak_since(reset: bool = False) -> int:
+    """Linux: the process's peak resident memory in bytes; `reset` restarts it from now."""
+    if reset:
+        Path("/proc/self/clear_refs").write_text("5")
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmHWM:")).split()[1]) * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-memory reset")
+def test_converting_while_reading_peaks_at_the_converted_size_not_the_mapped_file_plus_it(tmp_path):
+    """float32 file -> float16: each tensor is read into its own memory, converted and freed.
+    Mapping the file instead would keep every page read resident: 1.5x the file at the end."""
+    path = tmp_path / "big.safetensors"
+    save_file({f"w{i}": torch.randn(512, 1024) for i in range(64)}, str(path))  # 128 MiB
+    size = path.stat().st_size
+    before = _resident_peak_since(reset=True)
+    out = read_safetensors(path, dtype=torch.float16)
+    peak = _resident_peak_since() - before
+    assert out["w3"].dtype == torch.float16 and len(out) == 64
+    assert peak < 0.7 * size, f"peak {peak / size:.2f}x the file"  # 0.5x kept + one 2 MiB tensor at a time
+    same = read_safetensors(path)  # kept as stored: memory-mapped, and equal to the converted values
+    assert torch.equal(same["w3"].half(), out["w3"])
