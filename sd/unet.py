@@ -59,16 +59,18 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
 class ResBlock(nn.Module):
     def __init__(self, ch: int, out_ch: int, emb_ch: int, groups: int):
         super().__init__()
-        self.in_layers = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, out_ch, 3, padding=1))
+        # SiLU in place on the norms' fresh outputs; not on `emb`, which every block shares.
+        self.in_layers = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(inplace=True),
+                                       nn.Conv2d(ch, out_ch, 3, padding=1))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
         # Identity at index 2 stands where LDM keeps a (parameter-free) Dropout.
-        self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_ch), nn.SiLU(), nn.Identity(),
+        self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_ch), nn.SiLU(inplace=True), nn.Identity(),
                                         nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip_connection = nn.Conv2d(ch, out_ch, 1) if ch != out_ch else nn.Identity()
 
     def forward(self, x, emb):
-        h = self.in_layers(x) + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        h = self.in_layers(x).add_(self.emb_layers(emb)[:, :, None, None])
+        return self.out_layers(h).add_(self.skip_connection(x))
 
 
 class Attention(nn.Module):
@@ -234,7 +236,8 @@ class UNet(nn.Module):
                     layers.append(Upsample(ch))
                 self.output_blocks.append(Block(*layers))
 
-        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+        self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(inplace=True),
+                                 nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
                 w: torch.Tensor | None = None):

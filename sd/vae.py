@@ -35,9 +35,11 @@ class ResnetBlock(nn.Module):
         self.nin_shortcut = nn.Conv2d(ch, out_ch, 1) if ch != out_ch else nn.Identity()
 
     def forward(self, x):
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(F.silu(self.norm2(h)))
-        return self.nin_shortcut(x) + h
+        # In place where the overwritten tensor is needed by no one (autograd included): at
+        # 512x512 each saves a fresh 32-128 MiB tensor.
+        h = self.conv1(F.silu(self.norm1(x), inplace=True))
+        h = self.conv2(F.silu(self.norm2(h), inplace=True))
+        return h.add_(self.nin_shortcut(x))
 
 
 class AttnBlock(nn.Module):
@@ -123,7 +125,7 @@ class Encoder(nn.Module):
         x = self.conv_in(x)
         for level in self.down:
             x = level(x)
-        return self.conv_out(F.silu(self.norm_out(self.mid(x))))
+        return self.conv_out(F.silu(self.norm_out(self.mid(x)), inplace=True))
 
 
 class Decoder(nn.Module):
@@ -144,7 +146,7 @@ class Decoder(nn.Module):
         x = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             x = level(x)
-        return self.conv_out(F.silu(self.norm_out(x)))
+        return self.conv_out(F.silu(self.norm_out(x), inplace=True))
 
 
 @dataclass
