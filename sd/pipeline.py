@@ -64,7 +64,11 @@ class Pipeline:
         self.default_steps = preset.get("num_steps", self.default_steps)
         self.default_guidance = preset.get("guidance", self.default_guidance)
         self.sample_size = checkpoint.sample_size or 512
-        self.latent_scale = 2 ** (len(self.vae.cfg.channel_mult) - 1)
+        self.latent_scale = self.vae.scale
+        # The VAE runs in tiles of the native size (diffusers' enable_tiling) when this is True, or
+        # when None and the image is over twice the native area: an untiled 2048x2048 decode holds
+        # activations of 128 channels x 2048 x 2048 (2 GiB each in float32), a tiled one a 16th.
+        self.vae_tiling: bool | None = None
         self._own_defaults = (self.schedule_config, self.default_sampler, self.default_steps, self.default_guidance)
 
     def with_unet(self, path: str | Path, *, lightning_steps: int | None = None) -> "Pipeline":
@@ -249,14 +253,20 @@ class Pipeline:
     @torch.inference_mode()
     def encode(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents, sampled from the VAE's posterior as diffusers."""
-        posterior = self.vae.encode(pixels.to(self.vae_dtype))
+        posterior = self.vae.encode(pixels.to(self.vae_dtype), tile=self.vae_tile(*pixels.shape[-2:]))
         return (posterior.sample(generator) * self.vae.cfg.scaling_factor).float()
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        image = self.vae.decode((latents / self.vae.cfg.scaling_factor).to(self.vae_dtype)).float()
+        tile = self.vae_tile(*(side * self.latent_scale for side in latents.shape[-2:]))
+        image = self.vae.decode((latents / self.vae.cfg.scaling_factor).to(self.vae_dtype), tile=tile).float()
         image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in (image * 255).round().astype(np.uint8)]
+
+    def vae_tile(self, height: int, width: int) -> int | None:
+        """The VAE's tile side in latent pixels for an image of this size; None: all at once."""
+        tiled = height * width > 2 * self.sample_size ** 2 if self.vae_tiling is None else self.vae_tiling
+        return self.sample_size // self.latent_scale if tiled else None
 
     def _sizes(self, original_size, crop_top_left, target_size, h, w) -> tuple[int, ...] | None:
         if self.family != "sdxl":

@@ -169,11 +169,66 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
 
-    def encode(self, x: torch.Tensor) -> LatentDistribution:
-        """x: (B, 3, H, W) in [-1, 1] -> distribution over (B, 4, H/8, W/8) unscaled latents."""
-        mean, logvar = self.quant_conv(self.encoder(x)).chunk(2, dim=1)
+    @property
+    def scale(self) -> int:
+        """Image pixels per latent pixel, along a side (8 for SD)."""
+        return 2 ** (len(self.cfg.channel_mult) - 1)
+
+    def encode(self, x: torch.Tensor, tile: int | None = None) -> LatentDistribution:
+        """x: (B, 3, H, W) in [-1, 1] -> distribution over (B, 4, H/8, W/8) unscaled latents.
+        `tile` (latent pixels): an image with a side over tile * 8 is encoded in tiles."""
+        def encode(x):
+            return self.quant_conv(self.encoder(x))
+        if tile and max(x.shape[-2:]) > tile * self.scale:
+            moments = run_tiled(encode, x, tile * self.scale, 1 / self.scale)
+        else:
+            moments = encode(x)
+        mean, logvar = moments.chunk(2, dim=1)
         return LatentDistribution(mean, torch.exp(0.5 * logvar.clamp(-30.0, 20.0)))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """z: (B, 4, h, w) unscaled latents -> (B, 3, 8h, 8w) image in about [-1, 1]."""
-        return self.decoder(self.post_quant_conv(z))
+    def decode(self, z: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+        """z: (B, 4, h, w) unscaled latents -> (B, 3, 8h, 8w) image in about [-1, 1].
+        `tile` (latent pixels): latents with a side over it are decoded in tiles."""
+        def decode(z):
+            return self.decoder(self.post_quant_conv(z))
+        if tile and max(z.shape[-2:]) > tile:
+            return run_tiled(decode, z, tile, self.scale)
+        return decode(z)
+
+
+TILE_OVERLAP = 0.25  # of a tile's side, as diffusers' tile_overlap_factor
+
+
+def run_tiled(fn, x: torch.Tensor, tile: int, scale: float) -> torch.Tensor:
+    """`fn` (which scales sides by `scale`) applied to overlapping tiles of `x`, so its memory
+    use is that of one tile whatever the size of x. Tiles of side `tile` start every 3/4 tile;
+    each result tile fades in from its upper and left neighbours over their 1/4 overlap, then
+    keeps its first 3/4: the seams, where each tile's own GroupNorm statistics would show, are
+    blended away. The same arithmetic as diffusers' tiled_encode / tiled_decode, but only the
+    row above is kept in memory."""
+    stride, out_tile = int(tile * (1 - TILE_OVERLAP)), int(tile * scale)
+    blend = int(out_tile * TILE_OVERLAP)
+    keep = out_tile - blend
+    rows, above = [], None
+    for top in range(0, x.shape[-2], stride):
+        row = []
+        for n, left in enumerate(range(0, x.shape[-1], stride)):
+            out = fn(x[..., top:top + tile, left:left + tile])
+            if above is not None:
+                fade_in(above[n], out, blend, dim=-2)
+            if row:
+                fade_in(row[-1], out, blend, dim=-1)
+            row.append(out)
+        rows.append(torch.cat([out[..., :keep, :keep] for out in row], dim=-1))
+        above = row
+    return torch.cat(rows, dim=-2)
+
+
+def fade_in(before: torch.Tensor, tile: torch.Tensor, width: int, dim: int):
+    """In place: `tile`'s first `width` rows (dim -2) or columns (dim -1) go linearly from the
+    matching last ones of `before`, its overlapping neighbour, to its own."""
+    width = min(before.shape[dim], tile.shape[dim], width)
+    w = torch.arange(width, device=tile.device, dtype=torch.float32) / width
+    w = w[:, None] if dim == -2 else w
+    head = tile.narrow(dim, 0, width)
+    head.copy_(before.narrow(dim, before.shape[dim] - width, width) * (1 - w) + head * w)
