@@ -41,6 +41,8 @@ def parse_args():
     p.add_argument("--steps", type=int, help="steps of the whole-generate row (default: 4 on the CPU, else 20)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="add rows for sd with compile=True")
+    p.add_argument("--tiled", type=int, metavar="SIZE",
+                   help="add a VAE decode of a SIZE x SIZE image, tiled and whole: time and peak memory (one run)")
     p.add_argument("--cache", type=Path, default=Path(os.environ.get("SD_BENCH_CACHE",
                                                                       Path.home() / ".cache" / "sd-bench")))
     p.add_argument("--json", type=Path, help="also write the rows here")
@@ -126,7 +128,8 @@ def write_diffusers_configs(model: str, folder: Path):
         vae_scale = VAE_SDXL.scaling_factor
     vae = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
            "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-           "latent_channels": 4, "scaling_factor": vae_scale, "force_upcast": model == "sdxl"}
+           "latent_channels": 4, "scaling_factor": vae_scale, "force_upcast": model == "sdxl",
+           "sample_size": 1024 if model == "sdxl" else 512}  # also the side of diffusers' VAE tiles
     files = {"model_index.json": {**index, "unet": ["diffusers", "UNet2DConditionModel"],
                                   "vae": ["diffusers", "AutoencoderKL"],
                                   "scheduler": ["diffusers", "EulerDiscreteScheduler"]},
@@ -231,6 +234,7 @@ class Ours:
     name = "sd"
 
     def __init__(self, path, device, dtype, compile=False):
+        self.compiled = compile
         def load():
             bpe_model.cache_clear()  # each load reads the vocabulary, as the first in a process does
             return sd.load(path, device=device, dtype=dtype, compile=compile)
@@ -249,8 +253,8 @@ class Ours:
     def unet(self, x, t, inputs):
         return self.pipe.unet(x, t, inputs["context"], y=inputs.get("y"))
 
-    def decode(self, z):
-        return self.pipe.vae.decode(z)
+    def decode(self, z, tiled=False):
+        return self.pipe.vae.decode(z, tile=self.pipe.sample_size // self.pipe.latent_scale if tiled else None)
 
     def generate(self, size, steps):
         return self.pipe.generate(PROMPT, width=size, height=size, num_steps=steps, guidance=7.5, seed=0,
@@ -293,8 +297,10 @@ class Diffusers:
             extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": sizes}}
         return self.pipe.unet(x, t, encoder_hidden_states=inputs["context"], **extra).sample
 
-    def decode(self, z):
-        return self.pipe.vae.decode(z).sample
+    def decode(self, z, tiled=False):
+        vae = self.pipe.vae
+        vae.enable_tiling() if tiled else vae.disable_tiling()
+        return vae.decode(z).sample
 
     def generate(self, size, steps):
         return self.pipe(PROMPT, width=size, height=size, num_inference_steps=steps, guidance_scale=7.5,
@@ -356,11 +362,35 @@ def run(libs, args, device, file_bytes) -> dict[str, dict]:
                 rows[lib.name][row] = statistics.median(times[lib.name])
         if device.type == "cuda":
             for lib in libs:
-                torch.cuda.empty_cache()
-                torch.cuda.reset_peak_memory_stats()
-                lib.generate(args.size, args.steps)
-                rows[lib.name]["peak device memory, generate (GB)"] = torch.cuda.max_memory_allocated() / 1e9
+                rows[lib.name]["peak device memory, generate (GB)"] = peak_memory(
+                    lambda: lib.generate(args.size, args.steps), device)[1]
+        if args.tiled:
+            z = torch.randn(1, 4, args.tiled // 8, args.tiled // 8, generator=torch.Generator().manual_seed(2))
+            z = z.to(device, dtype)
+            for tiled in (True, False):
+                how = "tiled" if tiled else "whole"
+                for lib in (lib for lib in libs if not getattr(lib, "compiled", False)):
+                    print(f"VAE decode {args.tiled}x{args.tiled} {how}, {lib.name}", flush=True)
+                    seconds, peak = peak_memory(lambda: lib.decode(z, tiled), device)
+                    rows[lib.name][f"VAE decode {args.tiled}x{args.tiled} {how}, one run (s)"] = seconds
+                    rows[lib.name][f"VAE decode {args.tiled}x{args.tiled} {how}, peak memory (GB)"] = peak
     return rows
+
+
+def peak_memory(fn, device) -> tuple[float, float]:
+    """(seconds, peak memory in GB above what was in use before) of one call of `fn`: device
+    memory on a GPU, resident host memory on the CPU."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = rss()
+        rss_peak_reset()
+    seconds = Timer(device)(fn)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss("VmHWM")
+    return seconds, (peak - before) / 1e9
 
 
 def main():
@@ -390,11 +420,13 @@ def main():
           + " | floor (FLOPs / matmul rate) |")
     print("|---" * (2 * len(names) + 1) + "|")
     for key in rows["sd"]:
-        values = [rows[n][key] for n in names]
-        ratios = [rows[n][key] / rows["diffusers"][key] for n in names if n != "diffusers"]
+        values = [rows[n].get(key) for n in names]
+        ratios = [rows[n][key] / rows["diffusers"][key] if key in rows[n] else None
+                  for n in names if n != "diffusers"]
         floor = rows["floor"].get(key)
-        print(f"| {key} | " + " | ".join(f"{v:.3g}" for v in values) + " | "
-              + " | ".join(f"{r:.2f}" for r in ratios) + f" | {f'{floor:.3g}' if floor else ''} |")
+        print(f"| {key} | " + " | ".join(f"{v:.3g}" if v is not None else "" for v in values) + " | "
+              + " | ".join(f"{r:.2f}" if r is not None else "" for r in ratios)
+              + f" | {f'{floor:.3g}' if floor else ''} |")
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "machine": machine,
                                          "file_bytes": file_bytes, "rows": rows}, indent=1))
