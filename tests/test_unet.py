@@ -194,3 +194,18 @@ def test_sdxl_like_unet_matches_diffusers(case):
     with torch.no_grad():
         other = ours(x, tt, context, y=sdxl_y(text_embeds, time_ids + 8))
     assert (other - got).abs().max().item() > 1e-3 * got.abs().max().item()
+
+
+@pytest.mark.parametrize("side", [1, 4, 7, 8, 9, 16])
+def test_conv3x3_equals_the_convolution_on_every_map_size(side):
+    """Maps up to 8x8 take the unfold + matmul path on the CPU, larger ones torch's convolution."""
+    from sd.unet import Conv3x3
+    torch.manual_seed(side)
+    conv = Conv3x3(12, 20)
+    x = torch.randn(2, 12, side, side + 1 if side < 8 else side, requires_grad=True)
+    y = conv(x)
+    ref = torch.nn.functional.conv2d(x, conv.weight, conv.bias, padding=1)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(y.square().sum(), x)  # training goes through it too
+    (ref_grad,) = torch.autograd.grad(ref.square().sum(), x)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-4)
