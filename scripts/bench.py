@@ -26,7 +26,7 @@ from sd.clip import CLIP_BIG_G, CLIP_L, CLIPTextModel
 from sd.tokenizer import ASSETS, bpe_model
 from sd.unet import SD15, SDXL, UNet
 from sd.vae import VAE_SD15, VAE_SDXL, AutoencoderKL
-from sd.weights import hf_to_openclip
+from sd.weights import hf_to_openclip, no_weight_init
 
 PROMPT = "a photograph of an astronaut riding a horse"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,6 +43,10 @@ def parse_args():
     p.add_argument("--compile", action="store_true", help="add rows for sd with compile=True")
     p.add_argument("--tiled", type=int, metavar="SIZE",
                    help="add a VAE decode of a SIZE x SIZE image, tiled and whole: time and peak memory (one run)")
+    p.add_argument("--file-dtype", choices=list(DTYPES), default="float32",
+                   help="of the checkpoint written (float16 makes SDXL's 7 GB instead of 14)")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="load and time one library, free it, then the other (when both do not fit in memory)")
     p.add_argument("--cache", type=Path, default=Path(os.environ.get("SD_BENCH_CACHE",
                                                                       Path.home() / ".cache" / "sd-bench")))
     p.add_argument("--json", type=Path, help="also write the rows here")
@@ -63,30 +67,36 @@ def init_weights(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def write_checkpoint(model: str, path: Path):
-    """Full-size random weights in the official single-file layout, float32."""
+def write_checkpoint(model: str, path: Path, dtype: torch.dtype):
+    """Full-size random weights in the official single-file layout, in `dtype`. The modules
+    are built in that dtype and init_weights sets every weight, so torch's own initialisation
+    is skipped: SDXL in float16 takes 7 GB to build, not a 10 GB float32 UNet first."""
     torch.manual_seed(0)
-    state = {}
-
-    def add(prefix, module):
-        state.update({prefix + k: v.contiguous() for k, v in init_weights(module).state_dict().items()})
-        del module
-
-    if model == "sd15":
-        add("model.diffusion_model.", UNet(SD15))
-        add("first_stage_model.", AutoencoderKL(VAE_SD15))
-        add("cond_stage_model.transformer.text_model.", CLIPTextModel(CLIP_L))
-        state["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
-    else:
-        add("model.diffusion_model.", UNet(SDXL))
-        add("first_stage_model.", AutoencoderKL(VAE_SDXL))
-        add("conditioner.embedders.0.transformer.text_model.", CLIPTextModel(CLIP_L))
-        big_g = init_weights(CLIPTextModel(CLIP_BIG_G)).state_dict()
-        state.update({"conditioner.embedders.1.model." + k: v for k, v in hf_to_openclip(big_g).items()})
+    torch.set_default_dtype(dtype)
+    try:
+        with no_weight_init():
+            state = random_state(model)
+    finally:
+        torch.set_default_dtype(torch.float32)
     from safetensors.torch import save_file
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path) + ".part")
     os.replace(str(path) + ".part", path)
+
+
+def random_state(model: str) -> dict[str, torch.Tensor]:
+    def weights(prefix, module):
+        return {prefix + k: v.contiguous() for k, v in init_weights(module).state_dict().items()}
+    if model == "sd15":
+        return {**weights("model.diffusion_model.", UNet(SD15)),
+                **weights("first_stage_model.", AutoencoderKL(VAE_SD15)),
+                **weights("cond_stage_model.transformer.text_model.", CLIPTextModel(CLIP_L)),
+                "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
+    big_g = hf_to_openclip(init_weights(CLIPTextModel(CLIP_BIG_G)).state_dict())
+    return {**weights("model.diffusion_model.", UNet(SDXL)),
+            **weights("first_stage_model.", AutoencoderKL(VAE_SDXL)),
+            **weights("conditioner.embedders.0.transformer.text_model.", CLIPTextModel(CLIP_L)),
+            **{"conditioner.embedders.1.model." + k: v for k, v in big_g.items()}}
 
 
 def clip_config(cfg, with_projection: bool) -> dict:
@@ -398,11 +408,12 @@ def main():
     device = torch.device(args.device)
     args.size = args.size or (256 if device.type == "cpu" else 1024 if args.model == "sdxl" else 512)
     args.steps = args.steps or (4 if device.type == "cpu" else 20)
-    path = args.cache / f"{args.model}-random-fp32.safetensors"
+    file_dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[args.file_dtype]
+    path = args.cache / f"{args.model}-random-{file_dtype}.safetensors"
     config_dir = args.cache / f"{args.model}-diffusers-config"
     if not path.is_file():
         print(f"writing {path} (full-size random weights, once)", flush=True)
-        write_checkpoint(args.model, path)
+        write_checkpoint(args.model, path, DTYPES[args.file_dtype])
     write_diffusers_configs(args.model, config_dir)
     file_bytes = path.stat().st_size
     dtype = DTYPES[args.dtype]
@@ -410,11 +421,19 @@ def main():
     if args.compile:
         libs.insert(1, Ours(path, device, dtype, compile=True))
         libs[1].name = "sd compile=True"
-    rows = run(libs, args, device, file_bytes)
+    if args.one_at_a_time:
+        rows = {}
+        for lib in libs:
+            rows.update(run([lib], args, device, file_bytes))
+            lib.pipe = None
+            gc.collect()
+    else:
+        rows = run(libs, args, device, file_bytes)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    print(f"\n{args.model}, {args.dtype}, {machine}, torch {torch.__version__}, file {file_bytes / 1e9:.2f} GB, "
-          f"median of {args.repeats} after a warm-up\n")
+    print(f"\n{args.model}, {args.dtype}, {machine}, torch {torch.__version__}, "
+          f"{args.file_dtype} file {file_bytes / 1e9:.2f} GB, {args.size}x{args.size}, median of {args.repeats} "
+          f"after a warm-up{', one library at a time' if args.one_at_a_time else ''}\n")
     names = [n for n in rows if n != "floor"]
     print("| | " + " | ".join(names) + " | " + " | ".join(f"{n} / diffusers" for n in names if n != "diffusers")
           + " | floor (FLOPs / matmul rate) |")
