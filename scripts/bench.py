@@ -387,6 +387,13 @@ def run(libs, args, device, file_bytes) -> dict[str, dict]:
     return rows
 
 
+def cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [line.split(":", 1)[1].strip() for line in (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+             if line.startswith("model name")]
+    return names[0] if names else platform.processor() or platform.machine()
+
+
 def peak_memory(fn, device) -> tuple[float, float]:
     """(seconds, peak memory in GB above what was in use before) of one call of `fn`: device
     memory on a GPU, resident host memory on the CPU."""
@@ -430,7 +437,7 @@ def main():
     else:
         rows = run(libs, args, device, file_bytes)
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
-               else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
+               else f"{cpu_name()}, {torch.get_num_threads()} threads")
     print(f"\n{args.model}, {args.dtype}, {machine}, torch {torch.__version__}, "
           f"{args.file_dtype} file {file_bytes / 1e9:.2f} GB, {args.size}x{args.size}, median of {args.repeats} "
           f"after a warm-up{', one library at a time' if args.one_at_a_time else ''}\n")
