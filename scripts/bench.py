@@ -16,6 +16,8 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -47,6 +49,7 @@ def parse_args():
                    help="of the checkpoint written (float16 makes SDXL's 7 GB instead of 14)")
     p.add_argument("--one-at-a-time", action="store_true",
                    help="load and time one library, free it, then the other (when both do not fit in memory)")
+    p.add_argument("--peak-of", help=argparse.SUPPRESS)  # internal: measure this library's load peak, print it
     p.add_argument("--cache", type=Path, default=Path(os.environ.get("SD_BENCH_CACHE",
                                                                       Path.home() / ".cache" / "sd-bench")))
     p.add_argument("--json", type=Path, help="also write the rows here")
@@ -203,14 +206,12 @@ def touch(modules) -> float:
 
 def measure_load(lib, repeats: int, device: torch.device):
     """Median seconds to load, and to load and then read every weight once (weights that are
-    memory-mapped are only read from the file when first used), and the peak host memory
-    above the process's size before loading, over `repeats` runs after a warm-up run."""
-    loads, ready, peaks, pipe = [], [], [], None
+    memory-mapped are only read from the file when first used), over `repeats` runs after a
+    warm-up run."""
+    loads, ready, pipe = [], [], None
     for _ in range(repeats + 1):
         pipe = None
         gc.collect()
-        before = rss()
-        rss_peak_reset()
         t = time.perf_counter()
         pipe = lib.load()
         loads.append(time.perf_counter() - t)
@@ -218,8 +219,29 @@ def measure_load(lib, repeats: int, device: torch.device):
         if device.type == "cuda":
             torch.cuda.synchronize()
         ready.append(time.perf_counter() - t)
-        peaks.append(rss("VmHWM") - before)
-    return statistics.median(loads[1:]), statistics.median(ready[1:]), max(peaks[1:]), pipe
+    return statistics.median(loads[1:]), statistics.median(ready[1:]), pipe
+
+
+def load_peak(lib, device: torch.device) -> int:
+    """Bytes by which one load, with every weight then read once, raises the process's peak
+    resident memory above its size before the load."""
+    gc.collect()
+    before = rss()
+    rss_peak_reset()
+    touch(lib.modules(lib.load()))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return rss("VmHWM") - before
+
+
+def load_peak_in_fresh_process(lib) -> int:
+    """load_peak in a new process (this script again, with --peak-of): a process that has
+    loaded before can reuse memory it already holds, which would hide part of the peak."""
+    child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--peak-of", lib.name],
+                           capture_output=True, text=True)
+    if child.returncode:
+        raise RuntimeError(f"measuring {lib.name}'s load peak failed:\n{child.stderr[-3000:]}")
+    return int(child.stdout.split()[-1])
 
 
 def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, calls: int = 10) -> float:
@@ -342,7 +364,8 @@ def run(libs, args, device, file_bytes) -> dict[str, dict]:
     with torch.inference_mode():
         for lib in libs:
             print(f"loading with {lib.name}", flush=True)
-            seconds, ready, peak, pipe = measure_load(lib, args.repeats, device)
+            peak = load_peak_in_fresh_process(lib)
+            seconds, ready, pipe = measure_load(lib, args.repeats, device)
             lib.setup(pipe)
             rows[lib.name].update({"load (s)": seconds, "load, then every weight read once (s)": ready,
                                    "load peak host memory (x file)": peak / file_bytes})
@@ -428,6 +451,10 @@ def main():
     if args.compile:
         libs.insert(1, Ours(path, device, dtype, compile=True))
         libs[1].name = "sd compile=True"
+    if args.peak_of:
+        with torch.inference_mode():
+            print(load_peak(next(lib for lib in libs if lib.name == args.peak_of), device))
+        return
     if args.one_at_a_time:
         rows = {}
         for lib in libs:

@@ -2,12 +2,13 @@
 
 A tensor kept as stored, on the CPU, is memory-mapped: nothing is read until it is used, and
 the page cache holds it once however many processes load the file. A tensor that must be
-converted or moved is read into fresh memory instead, converted, and that memory freed, so a
-float32 file loaded in float16 peaks at half the file plus one tensor, not the mapped file
-plus its half-size copy.
+converted or moved is converted from the mapping, and the pages it was read from are then
+dropped from the process, so a float32 file loaded in float16 peaks at half the file plus
+one tensor, not the mapped file plus its half-size copy.
 """
 
 import json
+import mmap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +39,8 @@ def read_safetensors(path: Path, device="cpu", dtype: torch.dtype | None = None,
     on_cpu = torch.device(device).type == "cpu"
     try:
         # safe_open checks the header and the file's length before anything is read.
-        with safe_open(str(path), framework="pt", device="cpu") as mapped, path.open("rb") as raw:
+        with safe_open(str(path), framework="pt", device="cpu") as mapped, path.open("rb") as raw, \
+                mmap.mmap(raw.fileno(), 0, access=mmap.ACCESS_COPY) as pages:
             data_start, header = read_header(raw)
             keep = only(list(mapped.keys())) if only else ""
             out = {}
@@ -52,7 +54,7 @@ def read_safetensors(path: Path, device="cpu", dtype: torch.dtype | None = None,
                 if on_cpu and target == stored:
                     out[key] = mapped.get_tensor(key)
                 else:
-                    out[key] = read_tensor(raw, data_start, header[key], stored).to(device, target)
+                    out[key] = converted(pages, data_start, header[key], stored, device, target)
             return out
     except SafetensorError as e:
         hint = ("the file is truncated (an interrupted download?)" if "incomplete" in str(e)
@@ -66,15 +68,20 @@ def read_header(f) -> tuple[int, dict]:
     return 8 + length, json.loads(f.read(length))
 
 
-def read_tensor(f, data_start: int, entry: dict, dtype: torch.dtype) -> torch.Tensor:
-    """One tensor's bytes, read into memory of its own (not mapped from the file)."""
-    begin, end = entry["data_offsets"]
+def converted(pages: mmap.mmap, data_start: int, entry: dict, stored: torch.dtype, device,
+              dtype: torch.dtype) -> torch.Tensor:
+    """One tensor converted to `dtype` on `device` straight from the mapped file; the pages it
+    was read from are then dropped from the process (they stay in the page cache), where
+    otherwise every page read would stay resident until the whole file is unmapped."""
+    begin, end = (data_start + offset for offset in entry["data_offsets"])
     if begin == end:
-        return torch.empty(entry["shape"], dtype=dtype)
-    buffer = bytearray(end - begin)
-    f.seek(data_start + begin)
-    f.readinto(buffer)
-    return torch.frombuffer(buffer, dtype=dtype).reshape(entry["shape"])
+        return torch.empty(entry["shape"], dtype=dtype, device=device)
+    out = torch.frombuffer(pages, dtype=stored, count=(end - begin) // stored.itemsize, offset=begin)
+    out = out.reshape(entry["shape"]).to(device, dtype)
+    if hasattr(mmap, "MADV_DONTNEED"):  # not on Windows
+        first = begin // mmap.PAGESIZE * mmap.PAGESIZE
+        pages.madvise(mmap.MADV_DONTNEED, first, end - first)  # a private, never written mapping: nothing lost
+    return out
 
 
 def read_metadata(path: Path) -> dict[str, str]:
