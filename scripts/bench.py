@@ -234,6 +234,15 @@ def load_peak(lib, device: torch.device) -> int:
     return rss("VmHWM") - before
 
 
+def release_memory():
+    """Free what is unreachable and hand freed heap memory back to the system (glibc keeps
+    it otherwise, and SDXL's 14 GB would stay with this process)."""
+    gc.collect()
+    if platform.system() == "Linux":
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 def load_peak_in_fresh_process(lib) -> int:
     """load_peak in a new process (this script again, with --peak-of): a process that has
     loaded before can reuse memory it already holds, which would hide part of the peak."""
@@ -356,7 +365,7 @@ def unet_inputs(model: str, size: int, device, dtype) -> tuple:
     return x, t, inputs
 
 
-def run(libs, args, device, file_bytes) -> dict[str, dict]:
+def run(libs, args, device) -> dict[str, dict]:
     """Every row for every library. Loads are measured one library at a time; the other rows
     alternate between the libraries run by run, so a machine that slows down or speeds up
     while the benchmark runs weighs on both alike."""
@@ -364,11 +373,9 @@ def run(libs, args, device, file_bytes) -> dict[str, dict]:
     with torch.inference_mode():
         for lib in libs:
             print(f"loading with {lib.name}", flush=True)
-            peak = load_peak_in_fresh_process(lib)
             seconds, ready, pipe = measure_load(lib, args.repeats, device)
             lib.setup(pipe)
-            rows[lib.name].update({"load (s)": seconds, "load, then every weight read once (s)": ready,
-                                   "load peak host memory (x file)": peak / file_bytes})
+            rows[lib.name].update({"load (s)": seconds, "load, then every weight read once (s)": ready})
         dtype = DTYPES[args.dtype]
         x, t, inputs = unet_inputs(args.model, args.size, device, dtype)
         z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(1))
@@ -455,14 +462,21 @@ def main():
         with torch.inference_mode():
             print(load_peak(next(lib for lib in libs if lib.name == args.peak_of), device))
         return
+    # First, while this process holds no model, so that the fresh processes have the memory.
+    peaks = {}
+    for lib in libs:
+        print(f"load peak memory of {lib.name}, in a fresh process", flush=True)
+        peaks[lib.name] = load_peak_in_fresh_process(lib) / file_bytes
     if args.one_at_a_time:
         rows = {}
         for lib in libs:
-            rows.update(run([lib], args, device, file_bytes))
+            rows.update(run([lib], args, device))
             lib.pipe = None
-            gc.collect()
+            release_memory()
     else:
-        rows = run(libs, args, device, file_bytes)
+        rows = run(libs, args, device)
+    for lib in libs:
+        rows[lib.name]["load peak host memory, fresh process (x file)"] = peaks[lib.name]
     machine = (torch.cuda.get_device_name(device) if device.type == "cuda"
                else f"{cpu_name()}, {torch.get_num_threads()} threads")
     print(f"\n{args.model}, {args.dtype}, {machine}, torch {torch.__version__}, "

@@ -67,7 +67,8 @@ class Pipeline:
         self.latent_scale = self.vae.scale
         # The VAE runs in tiles of the native size (diffusers' enable_tiling) when this is True, or
         # when None and the image is over twice the native area: an untiled 2048x2048 decode holds
-        # activations of 128 channels x 2048 x 2048 (2 GiB each in float32), a tiled one a 16th.
+        # activations of 128 channels x 2048 x 2048 (2 GiB each in float32), a tiled one those
+        # of a single native-size tile.
         self.vae_tiling: bool | None = None
         self._own_defaults = (self.schedule_config, self.default_sampler, self.default_steps, self.default_guidance)
 
