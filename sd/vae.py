@@ -53,10 +53,13 @@ class AttnBlock(nn.Module):
 
     def forward(self, x):
         B, C, H, W = x.shape
-        h = self.norm(x)
-        q, k, v = (p(h).flatten(2).transpose(1, 2)[:, None] for p in (self.q, self.k, self.v))  # (B, 1, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v)[:, 0].transpose(1, 2).reshape(B, C, H, W)
-        return x + self.proj_out(h)
+        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, HW, C)
+        # The 1x1 convolutions applied as linears on the tokens: q, k and v come out contiguous
+        # along C, which SDPA's fused CPU kernel needs (strided ones fall back to a slower path).
+        q, k, v = (F.linear(tokens, p.weight[:, :, 0, 0], p.bias)[:, None] for p in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B, HW, C)
+        h = F.linear(h, self.proj_out.weight[:, :, 0, 0], self.proj_out.bias)
+        return x + h.transpose(1, 2).reshape(B, C, H, W)
 
 
 class Downsample(nn.Module):
