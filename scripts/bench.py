@@ -402,7 +402,11 @@ def run(libs, args, device) -> dict[str, dict]:
                 rows[lib.name][row] = statistics.median(times[lib.name])
         if device.type == "cuda":
             for lib in libs:
-                rows[lib.name]["peak device memory, generate (GB)"] = peak_memory(
+                # Its own weights plus the rise during generate: the other library's weights, on the
+                # same device, count for neither.
+                weights = sum(p.numel() * p.element_size() for m in lib.modules(lib.pipe) for p in m.parameters()
+                              if p.device.type == "cuda") / 1e9
+                rows[lib.name]["peak device memory, generate (GB)"] = weights + peak_memory(
                     lambda: lib.generate(args.size, args.steps), device)[1]
         if args.tiled:
             z = torch.randn(1, 4, args.tiled // 8, args.tiled // 8, generator=torch.Generator().manual_seed(2))
