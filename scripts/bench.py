@@ -295,7 +295,8 @@ class Ours:
         return self.pipe.unet(x, t, inputs["context"], y=inputs.get("y"))
 
     def decode(self, z, tiled=False):
-        return self.pipe.vae.decode(z, tile=self.pipe.sample_size // self.pipe.latent_scale if tiled else None)
+        self.pipe.vae_tiling = tiled
+        return self.pipe.vae.decode(z, tile=self.pipe.vae_tile(*(side * self.pipe.vae.scale for side in z.shape[-2:])))
 
     def generate(self, size, steps):
         return self.pipe.generate(PROMPT, width=size, height=size, num_steps=steps, guidance=7.5, seed=0,

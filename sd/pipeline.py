@@ -64,7 +64,6 @@ class Pipeline:
         self.default_steps = preset.get("num_steps", self.default_steps)
         self.default_guidance = preset.get("guidance", self.default_guidance)
         self.sample_size = checkpoint.sample_size or 512
-        self.latent_scale = self.vae.scale
         # The VAE runs in tiles of the native size (diffusers' enable_tiling) when this is True, or
         # when None and the image is over twice the native area: an untiled 2048x2048 decode holds
         # activations of 128 channels x 2048 x 2048 (2 GiB each in float32), a tiled one those
@@ -161,7 +160,7 @@ class Pipeline:
             keep_unmasked = self.default_keep_unmasked and mask is not None
         picture, mask_image = self._read_inputs(image, mask, keep_unmasked)
         if picture is not None:
-            width, height = working_size(picture, width, height, max(8, self.latent_scale))
+            width, height = working_size(picture, width, height, max(8, self.vae.scale))
         settings = self._check(prompt, negative_prompt, width, height, num_steps, guidance, seed, sampler,
                                strength, picture is not None, mask_image is not None)
         w, h, steps, g, name = (settings[k] for k in ("width", "height", "num_steps", "guidance", "sampler"))
@@ -183,7 +182,7 @@ class Pipeline:
                 return init
             schedule = schedule.from_step(start)
         x, unet_inputs, after_step = self._start(schedule, generator, (1, self.vae.cfg.latent_channels,
-                                                 h // self.latent_scale, w // self.latent_scale),
+                                                 h // self.vae.scale, w // self.vae.scale),
                                                  init, mask_pixels, settings.get("strength"))
 
         # LCM-distilled UNets take the guidance weight as an input instead of a CFG batch.
@@ -259,7 +258,7 @@ class Pipeline:
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> list[Image.Image]:
-        tile = self.vae_tile(*(side * self.latent_scale for side in latents.shape[-2:]))
+        tile = self.vae_tile(*(side * self.vae.scale for side in latents.shape[-2:]))
         image = self.vae.decode((latents / self.vae.cfg.scaling_factor).to(self.vae_dtype), tile=tile).float()
         image = (image / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
         return [Image.fromarray(a) for a in (image * 255).round().astype(np.uint8)]
@@ -267,7 +266,7 @@ class Pipeline:
     def vae_tile(self, height: int, width: int) -> int | None:
         """The VAE's tile side in latent pixels for an image of this size; None: all at once."""
         tiled = height * width > 2 * self.sample_size ** 2 if self.vae_tiling is None else self.vae_tiling
-        return self.sample_size // self.latent_scale if tiled else None
+        return self.sample_size // self.vae.scale if tiled else None
 
     def _sizes(self, original_size, crop_top_left, target_size, h, w) -> tuple[int, ...] | None:
         if self.family != "sdxl":
@@ -303,7 +302,7 @@ class Pipeline:
             raise ValueError(f"negative_prompt: must be a string, got {type(negative_prompt).__name__}")
         width = self.sample_size if width is None else width
         height = self.sample_size if height is None else height
-        multiple = max(8, self.latent_scale)
+        multiple = max(8, self.vae.scale)
         for name, value in (("width", width), ("height", height)):
             if not isinstance(value, int) or value <= 0 or value % multiple:
                 raise ValueError(f"{name}: must be a positive multiple of {multiple}, got {value!r}")
