@@ -78,7 +78,7 @@ def main():
                 acc = score(pipe, name, n, args.score, args.guidance)
                 table.append((name, n, acc))
                 print(f"{name:>16} {n:>3} steps: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()), flush=True)
-    guidance = args.guidance if args.guidance is not None else pipe.default_guidance
+    guidance = args.guidance if args.guidance is not None else pipe.defaults.guidance
     grid = draw_grid(cells, args.samplers, args.steps, f'"{args.prompt}", seed {args.seed}, guidance {guidance}')
     args.output.parent.mkdir(parents=True, exist_ok=True)
     grid.save(args.output)

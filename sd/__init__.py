@@ -5,9 +5,12 @@
     pipe.generate("an astronaut riding a horse", seed=0).save("out.png")
 """
 
-from .pipeline import Pipeline, load
-from .schedule import SAMPLERS
+from .errors import InputError
+from .pipeline import Latents, Pipeline, load
+from .samplers import SAMPLERS, Step, register
+from .schedule import SCHEDULES
 from .weights import CheckpointError
 
-__all__ = ["load", "Pipeline", "CheckpointError", "SAMPLERS"]
+__all__ = ["load", "Pipeline", "Latents", "InputError", "CheckpointError", "SAMPLERS", "SCHEDULES", "Step",
+           "register"]
 __version__ = "0.1.0"

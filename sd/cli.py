@@ -6,8 +6,10 @@ import sys
 import time
 from pathlib import Path
 
-from . import SAMPLERS
+from .samplers import sampler_names
+from .schedule import SCHEDULES
 from .tiny import CHECKPOINT
+
 
 def registry(args):
     from .models import Registry, default_weights_dir, parse_overrides
@@ -16,12 +18,14 @@ def registry(args):
 
 
 class ProgressBar:
-    """One line on stderr, redrawn in place: `step 7/20 [#######.............] 1.9 it/s`."""
+    """One line on stderr, redrawn in place: `step 7/20 [#######.............] 1.9 it/s`.
+    A sampler callback: called with each finished step."""
 
     def __init__(self, stream=None, width: int = 30):
         self.stream, self.width, self.start = stream or sys.stderr, width, time.perf_counter()
 
-    def __call__(self, done: int, total: int):
+    def __call__(self, step):
+        done, total = step.i + 1, step.n
         filled = self.width * done // total
         rate = done / max(time.perf_counter() - self.start, 1e-9)
         self.stream.write(f"\rstep {done}/{total} [{'#' * filled}{'.' * (self.width - filled)}] {rate:.1f} it/s")
@@ -36,7 +40,8 @@ def png_metadata(settings: dict, model: str):
     info = PngInfo()
     info.add_text("sd", json.dumps({**settings, "model": model}))
     line = (f"{settings['prompt']}\nNegative prompt: {settings['negative_prompt'] or ''}\n"
-            f"Steps: {settings['num_steps']}, Sampler: {settings['sampler']}, CFG scale: {settings['guidance']}, "
+            f"Steps: {settings['num_steps']}, Sampler: {settings['sampler']}, Schedule type: {settings['schedule']}, "
+            f"CFG scale: {settings['guidance']}, "
             f"Seed: {settings['seed']}, Size: {settings['width']}x{settings['height']}, Model: {model}")
     if "strength" in settings:
         line += f", Denoising strength: {settings['strength']}"
@@ -79,12 +84,13 @@ def cmd_generate(args) -> int:
                        lightning_steps=args.lightning_steps)
     image = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
                           num_steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
-                          image=args.image, mask=args.mask, strength=args.strength, keep_unmasked=args.keep_unmasked,
-                          progress=ProgressBar())
+                          schedule=args.schedule, image=args.image, mask=args.mask, strength=args.strength,
+                          keep_unmasked=args.keep_unmasked, callback=ProgressBar())
+    settings = image.info["sd"]
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out, pnginfo=png_metadata({**pipe.last_settings, **inputs}, model))
-    print(f"wrote {out} (seed {pipe.last_settings['seed']})", file=sys.stderr)
+    image.save(out, pnginfo=png_metadata({**settings, **inputs}, model))
+    print(f"wrote {out} (seed {settings['seed']})", file=sys.stderr)
     return 0
 
 
@@ -147,8 +153,10 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, help="sampling steps (default: the model's; 50 for plain files)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale; > 1 enables it (default 7.5)")
     g.add_argument("--seed", type=int, help="random seed (default: random, recorded in the PNG)")
-    g.add_argument("--sampler", choices=SAMPLERS,
+    g.add_argument("--sampler", choices=sampler_names(),
                    help="default: the model's scheduler, else euler; lcm for LCM-distilled models (few steps)")
+    g.add_argument("--schedule", choices=list(SCHEDULES),
+                   help="how the steps' noise levels are spread (default: the model's, i.e. the sampler's own)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on CUDA, float32 elsewhere")

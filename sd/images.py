@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
 
+from .errors import InputError
+
 ImageInput = Image.Image | bytes | bytearray | memoryview | str | Path
 
 
@@ -27,12 +29,12 @@ def read_image(value: ImageInput, field: str) -> Image.Image:
         elif isinstance(value, (str, Path)):
             image = Image.open(value)
         else:
-            raise ValueError(f"{field}: must be a PIL image, the bytes of an image file or a path, "
+            raise InputError(f"{field}: must be a PIL image, the bytes of an image file or a path, "
                              f"got {type(value).__name__}")
         image.load()  # decode now, so a truncated file fails here rather than later
         image = ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
-        raise ValueError(f"{field}: not a readable image (PNG, JPEG or WebP expected): {e}") from None
+        raise InputError(f"{field}: not a readable image (PNG, JPEG or WebP expected): {e}") from None
     return image
 
 
@@ -41,7 +43,7 @@ def working_size(image: Image.Image, width: int | None, height: int | None, mult
     of `multiple`, as diffusers."""
     w, h = (v - v % multiple for v in image.size)
     if (width is None and w < multiple) or (height is None and h < multiple):
-        raise ValueError(f"image: must be at least {multiple}x{multiple} pixels, got {image.width}x{image.height}")
+        raise InputError(f"image: must be at least {multiple}x{multiple} pixels, got {image.width}x{image.height}")
     return (w if width is None else width), (h if height is None else height)
 
 
@@ -68,7 +70,7 @@ def mask_tensor(mask: Image.Image, width: int, height: int, image_size: tuple[in
     surely belongs to another picture."""
     (mw, mh), (iw, ih) = mask.size, image_size
     if abs(mw / mh - iw / ih) > 0.01 * (iw / ih):
-        raise ValueError(f"mask: must have the image's aspect ratio (same size, or scaled), "
+        raise InputError(f"mask: must have the image's aspect ratio (same size, or scaled), "
                          f"got {mw}x{mh} for a {iw}x{ih} image")
     array = np.asarray(_resized(mask.convert("L"), width, height), dtype=np.float32) / 255
     return torch.from_numpy((array >= 0.5).astype(np.float32))[None, None]

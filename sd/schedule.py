@@ -1,26 +1,25 @@
-"""Noise schedules: DDPM betas -> alphas_cumprod -> sigmas, and the timesteps each sampler visits.
+"""Noise schedules: DDPM betas -> alphas_cumprod -> sigmas, and the sigmas a sampling run visits.
 
 Samplers work in k-diffusion's variance-exploding form, x = x0 + sigma * eps with
-sigma = sqrt((1 - alphas_cumprod) / alphas_cumprod). The timestep rules below
-follow diffusers' schedulers exactly (Lin et al. 2023, Table 2, names the spacings).
+sigma = sqrt((1 - alphas_cumprod) / alphas_cumprod).
+
+A run's sigmas come from two choices:
+- the *timesteps* of a sampler's diffusers twin (TIMESTEPS: "euler", "dpm", "ddim", "lcm"):
+  how that family of schedulers spaces its steps (Lin et al. 2023, Table 2, names the
+  spacings), which timestep it tells the UNet for each sigma, and where it starts;
+- the *schedule* (SCHEDULES): "default" keeps the twin's own sigmas; the others respace them
+  ("karras", "exponential", "beta" as diffusers' use_*_sigmas flags; "sgm_uniform", "simple",
+  "ddim_uniform" as ComfyUI; "align_your_steps", NVIDIA's published lists).
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
-SAMPLERS = ("ddim", "euler", "euler_a", "dpmpp_2m", "dpmpp_2m_karras", "plms", "lcm")
-
-# diffusers scheduler class -> our sampler, for a folder's scheduler_config.json.
-SCHEDULER_CLASSES = {
-    "DDIMScheduler": "ddim",
-    "EulerDiscreteScheduler": "euler",
-    "EulerAncestralDiscreteScheduler": "euler_a",
-    "DPMSolverMultistepScheduler": "dpmpp_2m",
-    "PNDMScheduler": "plms",  # SD 1.5's default; we run its PLMS form (skip_prk_steps, as SD's config sets)
-    "LCMScheduler": "lcm",
-}
+from .errors import InputError
+from .samplers import resolve
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,6 @@ class ScheduleConfig:
     timestep_spacing: str = "leading"      # "leading", "trailing" or "linspace"
     steps_offset: int = 1
     set_alpha_to_one: bool = False         # DDIM: end at sigma 0 rather than at sigma(t=0)
-    use_karras_sigmas: bool = False
     original_inference_steps: int = 50     # LCM: the distillation schedule its steps are picked from
     timestep_scaling: float = 10.0         # LCM: scales t in the c_skip / c_out boundary condition
 
@@ -70,13 +68,6 @@ def sigma_to_t(sigma: np.ndarray, table: np.ndarray) -> np.ndarray:
     low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=len(table) - 2)
     w = np.clip((log_table[low] - log_sigma) / (log_table[low] - log_table[low + 1]), 0, 1)
     return (1 - w) * low + w * (low + 1)
-
-
-def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
-    """Karras et al. 2022, eq. 5: steps evenly spaced in sigma^(1/rho)."""
-    ramp = np.linspace(0, 1, n)
-    sigma_min, sigma_max = float(sigma_min), float(sigma_max)  # float64 math, as diffusers
-    return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
 
 
 def spaced_timesteps(cfg: ScheduleConfig, n: int, integer: bool) -> np.ndarray:
@@ -128,6 +119,50 @@ def _schedule(timesteps, sigmas, last_sigma, noise_scale, vp):
                     torch.from_numpy(sigmas), float(noise_scale), vp)
 
 
+# ---------------------------------------------------------------- schedules: how n sigmas are spread
+
+
+@dataclass(frozen=True)
+class SigmaRange:
+    """What a schedule spreads its sigmas over."""
+    table: np.ndarray   # the model's training sigmas, ascending
+    low: float          # the span diffusers' use_*_sigmas flags convert, for this sampler's twin
+    high: float
+    model: str          # "sd15" or "sdxl": Align Your Steps publishes a list for each
+
+
+SCHEDULES: dict[str, Callable[[int, SigmaRange], np.ndarray] | None] = {"default": None}
+
+
+def schedule(name: str):
+    """Register `fn(n, SigmaRange) -> n descending sigmas` as a schedule (the run then ends at 0)."""
+    def add(fn):
+        SCHEDULES[name] = fn
+        return fn
+    return add
+
+
+@schedule("karras")
+def karras_sigmas(n: int, r: SigmaRange, rho: float = 7.0) -> np.ndarray:
+    """Karras et al. 2022, eq. 5: steps evenly spaced in sigma^(1/rho)."""
+    ramp = np.linspace(0, 1, n)
+    low, high = float(r.low), float(r.high)  # float64 math, as diffusers
+    return (high ** (1 / rho) + ramp * (low ** (1 / rho) - high ** (1 / rho))) ** rho
+
+
+# ---------------------------------------------------------------- timesteps: each twin family's own
+
+
+@dataclass(frozen=True)
+class Timesteps:
+    """One family of diffusers schedulers: its own schedule, the span its flags convert, and how
+    it tells the UNet the timestep of a sigma it did not start from (None: fractional)."""
+    default: Callable[[ScheduleConfig, int], Schedule]
+    span: Callable[[ScheduleConfig, int, np.ndarray], tuple[float, float]]
+    timestep_rule: Callable[[np.ndarray, str], np.ndarray] | None
+    variance_preserving: bool
+
+
 def ddim_schedule(cfg: ScheduleConfig, n: int) -> Schedule:
     """DDIMScheduler's and PNDMScheduler's timesteps.
 
@@ -145,22 +180,24 @@ def ddim_schedule(cfg: ScheduleConfig, n: int) -> Schedule:
     return schedule
 
 
+def euler_noise_scale(cfg: ScheduleConfig, top: float) -> float:
+    """EulerDiscreteScheduler's init_noise_sigma: sigma_max, or sqrt(sigma_max^2 + 1) for
+    "leading" spacing (a diffusers quirk sd reproduces, for the same images)."""
+    top = float(np.float32(top))
+    return top if cfg.timestep_spacing in ("linspace", "trailing") else (top ** 2 + 1) ** 0.5
+
+
 def euler_schedule(cfg: ScheduleConfig, n: int) -> Schedule:
-    """EulerDiscreteScheduler / EulerAncestralDiscreteScheduler timesteps (final sigma zero)."""
+    """EulerDiscreteScheduler's timesteps (fractional for "linspace"; final sigma zero)."""
     table = train_sigmas(cfg)
     t = spaced_timesteps(cfg, n, integer=False).astype(np.float32)
     sigmas = np.interp(t, np.arange(len(table)), table)
-    if cfg.use_karras_sigmas:
-        sigmas = karras_sigmas(sigmas[-1], sigmas[0], n)
-        t = sigma_to_t(sigmas, table)
-    top = float(np.float32(sigmas.max()))
-    noise_scale = top if cfg.timestep_spacing in ("linspace", "trailing") else (top ** 2 + 1) ** 0.5
-    return _schedule(t, sigmas, 0.0, noise_scale, vp=False)
+    return _schedule(t, sigmas, 0.0, euler_noise_scale(cfg, sigmas.max()), vp=False)
 
 
-def dpm_schedule(cfg: ScheduleConfig, n: int, karras: bool = False) -> Schedule:
-    """DPMSolverMultistepScheduler timesteps (integer; final sigma zero)."""
-    table = train_sigmas(cfg)
+def dpm_timesteps(cfg: ScheduleConfig, n: int) -> np.ndarray:
+    """DPMSolverMultistepScheduler's integer timesteps: "linspace" and "leading" space n + 1
+    and drop the last."""
     T = cfg.num_train_timesteps
     if cfg.timestep_spacing == "linspace":
         t = np.linspace(0, T - 1, n + 1).round()[::-1][:-1]
@@ -168,13 +205,20 @@ def dpm_schedule(cfg: ScheduleConfig, n: int, karras: bool = False) -> Schedule:
         t = (np.arange(n + 1) * (T // (n + 1))).round()[::-1][:-1] + cfg.steps_offset
     else:
         t = spaced_timesteps(cfg, n, integer=True)
-    t = t.astype(np.int64)
-    if karras or cfg.use_karras_sigmas:
-        sigmas = karras_sigmas(table[0], table[-1], n)
-        t = sigma_to_t(sigmas, table).round()
-    else:
-        sigmas = np.interp(t, np.arange(len(table)), table)
+    return t.astype(np.int64)
+
+
+def dpm_schedule(cfg: ScheduleConfig, n: int) -> Schedule:
+    """DPMSolverMultistepScheduler's schedule (final sigma zero)."""
+    table = train_sigmas(cfg)
+    t = dpm_timesteps(cfg, n)
+    sigmas = np.interp(t, np.arange(len(table)), table)
     return _schedule(t, sigmas, 0.0, (1 + float(np.float32(sigmas[0])) ** 2) ** 0.5, vp=True)
+
+
+def dpm_timestep_rule(t: np.ndarray, schedule: str) -> np.ndarray:
+    """DPM-Solver rounds Karras sigmas' timesteps; the other flags' it casts to int64 (truncating)."""
+    return t.round() if schedule == "karras" else np.trunc(t)
 
 
 def lcm_schedule(cfg: ScheduleConfig, n: int) -> Schedule:
@@ -183,7 +227,7 @@ def lcm_schedule(cfg: ScheduleConfig, n: int) -> Schedule:
     taken at evenly spaced indices, noisiest first. The last step lands on x0."""
     original = cfg.original_inference_steps
     if n > original:
-        raise ValueError(f"num_steps: the LCM sampler takes at most original_inference_steps={original} steps, got {n}")
+        raise InputError(f"num_steps: the LCM sampler takes at most original_inference_steps={original} steps, got {n}")
     k = cfg.num_train_timesteps // original
     distilled = (np.arange(1, original + 1) * k - 1)[::-1]
     t = distilled[np.floor(np.linspace(0, original, n, endpoint=False)).astype(np.int64)]
@@ -191,15 +235,72 @@ def lcm_schedule(cfg: ScheduleConfig, n: int) -> Schedule:
     return _schedule(t, table[t], 0.0, (1 + table[t[0]] ** 2) ** 0.5, vp=True)
 
 
-def make_schedule(sampler: str, cfg: ScheduleConfig, n: int) -> Schedule:
-    if n < 1:
-        raise ValueError(f"num_steps: must be at least 1, got {n}")
-    if sampler == "lcm":
-        return lcm_schedule(cfg, n)
-    if sampler in ("ddim", "plms"):
-        return ddim_schedule(cfg, n)
-    if sampler in ("euler", "euler_a"):
-        return euler_schedule(cfg, n)
-    if sampler in ("dpmpp_2m", "dpmpp_2m_karras"):
-        return dpm_schedule(cfg, n, karras=sampler == "dpmpp_2m_karras")
-    raise ValueError(f"sampler: {sampler!r} is not one of {', '.join(SAMPLERS)}")
+def _euler_span(cfg, n, table):
+    """Euler's flags convert the spaced sigmas' own range (in float64, as diffusers)."""
+    t = spaced_timesteps(cfg, n, integer=False).astype(np.float32)
+    sigmas = np.interp(t, np.arange(len(table)), table)
+    return float(sigmas.min()), float(sigmas.max())
+
+
+def _table_span(cfg, n, table):
+    """DPM-Solver's flags convert the whole training range; so do families with no such flags,
+    as k-diffusion and ComfyUI do."""
+    return float(table[0]), float(table[-1])
+
+
+TIMESTEPS: dict[str, Timesteps] = {
+    "euler": Timesteps(euler_schedule, _euler_span, None, variance_preserving=False),
+    "dpm": Timesteps(dpm_schedule, _table_span, dpm_timestep_rule, variance_preserving=True),
+    "ddim": Timesteps(ddim_schedule, _table_span, None, variance_preserving=True),
+    "lcm": Timesteps(lcm_schedule, _table_span, None, variance_preserving=True),
+}
+
+
+def _check_steps(n):
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InputError(f"num_steps: must be a whole number of at least 1, got {n!r}")
+
+
+def check_schedule(name: str) -> str:
+    if name not in SCHEDULES:
+        raise InputError(f"schedule: {name!r} is not one of {', '.join(SCHEDULES)}")
+    return name
+
+
+def on_sigmas(family: Timesteps, cfg: ScheduleConfig, sigmas: np.ndarray, schedule: str) -> Schedule:
+    """A Schedule on given sigmas (descending, the last where the run ends): the UNet is told each
+    sigma's timestep by the family's rule, and txt2img starts as the family starts."""
+    table = train_sigmas(cfg)
+    t = sigma_to_t(sigmas[:-1], table)
+    if family.timestep_rule is not None:
+        t = family.timestep_rule(t, schedule)
+    top = float(np.float32(sigmas[0]))
+    noise = (1 + top ** 2) ** 0.5 if family.variance_preserving else euler_noise_scale(cfg, top)
+    return _schedule(t, sigmas[:-1], sigmas[-1], noise, family.variance_preserving)
+
+
+def make_schedule(sampler: str, cfg: ScheduleConfig, n: int, schedule: str = "default", model: str = "sd15",
+                  sigmas=None) -> Schedule:
+    """The run `sampler` takes in n steps on `schedule`, or on explicit `sigmas` (descending;
+    the last, usually 0, is where the run ends)."""
+    spec, implied = resolve(sampler)
+    family = TIMESTEPS[spec.timesteps]
+    if sigmas is not None:
+        return on_sigmas(family, cfg, check_sigmas(sigmas), "custom")
+    _check_steps(n)
+    schedule = check_schedule(implied or schedule)
+    if schedule == "default":
+        return family.default(cfg, n)
+    table = train_sigmas(cfg)
+    spread = SCHEDULES[schedule](n, SigmaRange(table, *family.span(cfg, n, table), model))
+    return on_sigmas(family, cfg, np.concatenate([spread, [0.0]]), schedule)
+
+
+def check_sigmas(sigmas) -> np.ndarray:
+    """An explicit sigma list: 1-D, at least two values, finite, non-negative, descending."""
+    values = np.asarray(sigmas.detach().cpu() if isinstance(sigmas, torch.Tensor) else sigmas, dtype=np.float64)
+    if values.ndim != 1 or len(values) < 2:
+        raise InputError(f"sigmas: must be a list of at least 2 noise levels, got shape {values.shape}")
+    if not np.all(np.isfinite(values)) or np.any(values < 0) or np.any(np.diff(values) >= 0):
+        raise InputError("sigmas: must be finite, non-negative and strictly descending")
+    return values

@@ -147,14 +147,14 @@ class Worker:
 
     def _generate(self, job: Job) -> bytes:
         """In the worker thread."""
-        def progress(done, total):
+        def stop_if_cancelled(step):
             if job.cancelled:
                 raise Cancelled()
 
         if job.cancelled:
             raise Cancelled()
         try:
-            image = self.models.generate(job.model, progress=progress, **job.inputs)
+            image = self.models.generate(job.model, callback=stop_if_cancelled, **job.inputs)
         finally:
             self.loaded = tuple(getattr(self.models, "cache", ()))
         buf = io.BytesIO()

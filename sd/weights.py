@@ -300,6 +300,7 @@ class Checkpoint:
     tokenizer_dirs: list[Path | None] = field(default_factory=list)  # None: the vocabulary shipped with sd
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     scheduler_class: str | None = None            # diffusers class named by the folder, if any
+    scheduler: dict = field(default_factory=dict)  # the folder's scheduler_config.json
     sample_size: int | None = None                # default image side in pixels
     vae_force_upcast: bool = False                # the VAE overflows in float16 (SDXL's does)
     defaults: dict = field(default_factory=dict)  # sampler / num_steps / guidance a preset names (sd/tiny.py)
@@ -440,6 +441,6 @@ def read_diffusers_folder(folder: Path, device="cpu", dtype=None, unet: StateDic
     return Checkpoint(
         detect_family(unet), (unet_config, unet), (vae_config_from_diffusers(vae_cfg), vae),
         encoders, tokenizer_dirs=tokenizers,
-        schedule=ScheduleConfig.from_diffusers(sched), scheduler_class=sched.get("_class_name"),
+        schedule=ScheduleConfig.from_diffusers(sched), scheduler_class=sched.get("_class_name"), scheduler=sched,
         sample_size=(unet_cfg.get("sample_size") or 64) * 2 ** (len(vae_cfg["block_out_channels"]) - 1),
         vae_force_upcast=force_upcast)

@@ -111,9 +111,13 @@ def assert_same_norms(ours: nn.Module, ref: nn.Module, converted: dict) -> int:
 
 # ---------------------------------------------------------------- schedulers
 
-def diffusers_scheduler(sampler: str, cfg: ScheduleConfig):
-    """The diffusers scheduler `sampler` stands for, every setting explicit (DESIGN.md pitfall:
-    schedulers built in memory remember which settings were defaults)."""
+def diffusers_scheduler(sampler: str, cfg: ScheduleConfig, schedule: str = "default"):
+    """The diffusers scheduler `sampler` stands for on `schedule` ("default", or one of the
+    use_*_sigmas flags' schedules), every setting explicit (DESIGN.md pitfall: schedulers built
+    in memory remember which settings were defaults)."""
+    if sampler == "dpmpp_2m_karras":
+        sampler, schedule = "dpmpp_2m", "karras"
+    flags = {f"use_{name}_sigmas": schedule == name for name in ("karras", "exponential", "beta")}
     common = dict(
         num_train_timesteps=cfg.num_train_timesteps,
         beta_start=cfg.beta_start,
@@ -129,16 +133,16 @@ def diffusers_scheduler(sampler: str, cfg: ScheduleConfig):
         return DDIMScheduler(**common, clip_sample=False, set_alpha_to_one=cfg.set_alpha_to_one,
                              thresholding=False)
     if sampler == "euler":
-        return EulerDiscreteScheduler(**common, use_karras_sigmas=cfg.use_karras_sigmas,
+        return EulerDiscreteScheduler(**common, **flags,
                                       interpolation_type="linear", timestep_type="discrete",
                                       final_sigmas_type="zero")
     if sampler == "euler_a":
         return EulerAncestralDiscreteScheduler(**common)
-    if sampler in ("dpmpp_2m", "dpmpp_2m_karras"):
+    if sampler == "dpmpp_2m":
         return DPMSolverMultistepScheduler(
             **common, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
             lower_order_final=True, euler_at_final=False, final_sigmas_type="zero",
-            use_karras_sigmas=cfg.use_karras_sigmas or sampler == "dpmpp_2m_karras",
+            **flags,
             thresholding=False)
     if sampler == "plms":  # SD 1.5's own scheduler, in the PLMS form SD's config selects
         return PNDMScheduler(
@@ -157,7 +161,7 @@ def sd15(**kw) -> ScheduleConfig:
     """SD 1.5's scheduler settings (explicit, so the test does not lean on sd's defaults)."""
     base = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                 beta_schedule="scaled_linear", steps_offset=1, set_alpha_to_one=False,
-                prediction_type="epsilon", timestep_spacing="leading", use_karras_sigmas=False)
+                prediction_type="epsilon", timestep_spacing="leading")
     return ScheduleConfig(**{**base, **kw})
 
 

@@ -65,7 +65,7 @@ def test_generate_writes_png_with_settings(tiny_checkpoint, tmp_path, capsys):
     assert image.size == (64, 48)
     settings = json.loads(image.text["sd"])
     assert settings == {"prompt": "a red circle", "negative_prompt": "blue", "width": 64, "height": 48,
-                        "num_steps": 3, "guidance": 7.5, "seed": 7, "sampler": "dpmpp_2m",
+                        "num_steps": 3, "guidance": 7.5, "seed": 7, "sampler": "dpmpp_2m", "schedule": "default",
                         "model": str(tiny_checkpoint)}
     assert "Seed: 7" in image.text["parameters"]
     err = capsys.readouterr().err

@@ -115,8 +115,8 @@ def test_lcm_defaults(lora, distilled_folder):
     """The folder's LCMScheduler picks the LCM sampler, 4 steps (diffusers' LCM pipeline), and
     guidance 8.5 for a distilled UNet (the same pipeline's default), 1 (no CFG) for LCM-LoRA models."""
     distilled = sd.load(distilled_folder, device="cpu")
-    assert (lora.default_sampler, lora.default_steps, lora.default_guidance) == ("lcm", 4, 1.0)
-    assert (distilled.default_sampler, distilled.default_steps, distilled.default_guidance) == ("lcm", 4, 8.5)
+    assert (lora.defaults.sampler, lora.defaults.num_steps, lora.defaults.guidance) == ("lcm", 4, 1.0)
+    assert (distilled.defaults.sampler, distilled.defaults.num_steps, distilled.defaults.guidance) == ("lcm", 4, 8.5)
 
 
 def test_lcm_step_limit_is_a_clear_error(lora):

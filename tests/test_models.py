@@ -83,10 +83,10 @@ def test_overrides(tmp_path, tiny_checkpoint):  # noqa: F811
 def test_load_by_id_takes_the_registry_defaults(weights, monkeypatch):
     monkeypatch.setenv("SD_WEIGHTS_DIR", str(weights))
     pipe = sd.load(SD15, device="cpu")
-    assert (pipe.sample_size, pipe.default_steps, pipe.default_guidance) == (512, 20, 7.5)
-    assert pipe.default_strength == {"img2img": 1.0, "inpaint": 1.0}
+    assert (pipe.defaults.width, pipe.defaults.num_steps, pipe.defaults.guidance) == (512, 20, 7.5)
+    assert (pipe.defaults.strength, pipe.defaults.inpaint_strength) == (1.0, 1.0)
     lightning = sd.load(LIGHTNING, device="cpu")
-    assert (lightning.default_steps, lightning.default_guidance, lightning.default_sampler) == (4, 0.0, "euler")
+    assert (lightning.defaults.num_steps, lightning.defaults.guidance, lightning.defaults.sampler) == (4, 0.0, "euler")
     assert lightning.schedule_config.timestep_spacing == "trailing"
     with pytest.raises(ValueError, match="unet= and lightning_steps= apply to files"):
         sd.load(SD15, unet="x.safetensors")
@@ -98,7 +98,7 @@ def test_base_and_lightning_share_encoders_and_vae(weights):
     base = models.get(BASE)
     assert base.vae is lightning.vae and base.text_encoders[0] is lightning.text_encoders[0]
     assert base.unet is not lightning.unet
-    assert (base.default_steps, base.default_guidance) == (20, 7.5)
+    assert (base.defaults.num_steps, base.defaults.guidance) == (20, 7.5)
     assert base.schedule_config.timestep_spacing == "leading"  # Lightning's trailing spacing did not leak
     # Each equals the same model loaded on its own.
     kwargs = dict(width=64, height=48, num_steps=3, seed=1)

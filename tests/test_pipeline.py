@@ -148,7 +148,7 @@ def test_default_sampler_from_folder(diffusers_models, tmp_path_factory, case):
         pytest.skip(f"sd has no {expected_sampler!r} sampler")
     path = save_folder(diffusers_models, cls(**config), tmp_path_factory.mktemp(case))
     ours = sd.load(path, device="cpu")
-    assert ours.default_sampler == expected_sampler
+    assert ours.defaults.sampler == expected_sampler
     ref, _ = load_reference(path)
     assert type(ref.scheduler) is cls and ref.scheduler.config.timestep_spacing == config["timestep_spacing"]
     img = ours.generate(PROMPT, negative_prompt=NEGATIVE, width=64, height=48, num_steps=STEPS, guidance=GUIDANCE,
@@ -262,7 +262,7 @@ def test_single_file_skips_junk_and_infers_configs(single_file, single_file_pair
     ours = single_file_pair[0]
     assert ours.unet.cfg == UNET_TINY and ours.vae.cfg == VAE_TINY
     assert ours.text_encoders[0].cfg == sd_clip.CLIPConfig(**CLIP_TINY)
-    assert ours.default_sampler == "euler"
+    assert ours.defaults.sampler == "euler"
     assert ours.schedule_config == ScheduleConfig()  # SD 1.5's settings
     live = load_file(str(single_file))[UNET_KEY + "input_blocks.0.0.weight"]
     assert torch.equal(ours.unet.state_dict()["input_blocks.0.0.weight"], live)
@@ -308,8 +308,9 @@ def test_unknown_sampler(folder_pair):
         folder_pair[0].generate(PROMPT, width=64, height=48, num_steps=1, sampler="heun_magic")
 
 
-@pytest.mark.parametrize("prompt", [None, 42, ["a cat"], b"a cat"])
+@pytest.mark.parametrize("prompt", [None, 42, [], ["a cat", 3], b"a cat"])
 def test_prompt_must_be_string(folder_pair, prompt):
+    """A string, or a non-empty list of strings (a batch)."""
     with pytest.raises(ValueError, match="prompt"):
         folder_pair[0].generate(prompt, width=64, height=48, num_steps=1)
 

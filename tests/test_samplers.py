@@ -4,7 +4,7 @@ No real UNet is needed: both sides drive the same fake, deterministic "UNet", a 
 nonlinear function of its input and timestep, and record the timesteps it is told.
 
 Our side:        x = noise * schedule.noise_scale
-                 x = SAMPLER_FUNCTIONS[name](Denoiser(unet, schedule, ...), x, schedule.sigmas, generator=g)
+                 x = SAMPLERS[name].fn(Denoiser(unet, schedule, ...), x, schedule.sigmas, generator=g)
                  latents = schedule.to_latents(x)
 diffusers side:  the StableDiffusionPipeline loop (init_noise_sigma, scale_model_input, step).
 Both draw the initial noise first from torch.Generator("cpu").manual_seed(seed), then Euler
@@ -32,7 +32,7 @@ import torch
 
 from helpers import diffusers_scheduler, sd15
 from sd.denoiser import Denoiser, lcm_boundary_condition
-from sd.samplers import SAMPLER_FUNCTIONS
+from sd.samplers import SAMPLERS, resolve
 from sd.schedule import make_schedule, train_sigmas
 
 SHAPE = (2, 4, 8, 12)
@@ -71,22 +71,24 @@ class FakeUNet:
         return 0.5 * torch.tanh(x_in) + 0.3 * x_in + mix
 
 
-def run_sd(sampler, cfg, n, seed=0):
-    sched = make_schedule(sampler, cfg, n)
+def run_sd(sampler, cfg, n, seed=0, schedule="default"):
+    sched = make_schedule(sampler, cfg, n, schedule)
     unet = FakeUNet(cfg.prediction_type)
     g = torch.Generator("cpu").manual_seed(seed)
     noise = torch.randn(SHAPE, generator=g)
     x = noise * sched.noise_scale
     den = Denoiser(model=unet, schedule=sched, train_sigmas=train_sigmas(cfg),
                    prediction_type=cfg.prediction_type)
-    if sampler == "lcm":
+    spec, _ = resolve(sampler)
+    if spec.consistency:
         den = lcm_boundary_condition(den, cfg.timestep_scaling)
-    x = SAMPLER_FUNCTIONS[sampler](den, x, sched.sigmas, generator=g, landing=sched.landing)
+    needs = {"landing": sched.landing} if "landing" in spec.needs else {}
+    x = spec.fn(den, x, sched.sigmas, generator=g, **needs)
     return sched.to_latents(x), unet.timesteps
 
 
-def run_diffusers(sampler, cfg, n, seed=0):
-    scheduler = diffusers_scheduler(sampler, cfg)
+def run_diffusers(sampler, cfg, n, seed=0, schedule="default"):
+    scheduler = diffusers_scheduler(sampler, cfg, schedule)
     scheduler.set_timesteps(n)
     unet = FakeUNet(cfg.prediction_type)
     g = torch.Generator("cpu").manual_seed(seed)
@@ -101,13 +103,13 @@ def run_diffusers(sampler, cfg, n, seed=0):
     return latents, unet.timesteps
 
 
-def check(sampler, cfg, n, name=None):
-    ours, seen_ours = run_sd(sampler, cfg, n)
-    ref, seen_ref = run_diffusers(sampler, cfg, n)
+def check(sampler, cfg, n, name=None, schedule="default"):
+    ours, seen_ours = run_sd(sampler, cfg, n, schedule=schedule)
+    ref, seen_ref = run_diffusers(sampler, cfg, n, schedule=schedule)
     # The UNet is told the same timesteps, in the same order. Euler + Karras timesteps are
     # fractional and can differ by one float32 ulp (see test_schedule.py:
     # test_euler_karras_timesteps_bitwise); everything else must be identical.
-    if sampler == "euler" and cfg.use_karras_sigmas:
+    if sampler == "euler" and schedule == "karras":
         np.testing.assert_allclose(seen_ours, seen_ref, rtol=1e-6, atol=1e-5)
     else:
         assert seen_ours == seen_ref
@@ -128,8 +130,8 @@ def check(sampler, cfg, n, name=None):
 @pytest.mark.parametrize("karras", [False, True], ids=["", "karras"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_euler(prediction_type, karras, spacing, n):
-    cfg = sd15(prediction_type=prediction_type, timestep_spacing=spacing, use_karras_sigmas=karras)
-    check("euler", cfg, n, name="euler_karras" if karras else "euler")
+    cfg = sd15(prediction_type=prediction_type, timestep_spacing=spacing)
+    check("euler", cfg, n, name="euler_karras" if karras else "euler", schedule="karras" if karras else "default")
 
 
 @pytest.mark.parametrize("n", STEPS)
@@ -142,12 +144,14 @@ def test_euler_ancestral(prediction_type, spacing, n):
 
 @pytest.mark.parametrize("n", STEPS)
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
-@pytest.mark.parametrize("sampler,karras", [("dpmpp_2m", False), ("dpmpp_2m", True), ("dpmpp_2m_karras", False)],
-                         ids=["dpmpp_2m", "dpmpp_2m+use_karras_sigmas", "dpmpp_2m_karras"])
+@pytest.mark.parametrize("sampler,schedule", [("dpmpp_2m", "default"), ("dpmpp_2m", "karras"),
+                                             ("dpmpp_2m_karras", "default")],
+                         ids=["dpmpp_2m", "dpmpp_2m+karras", "dpmpp_2m_karras"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_dpmpp_2m(prediction_type, sampler, karras, spacing, n):
-    cfg = sd15(prediction_type=prediction_type, timestep_spacing=spacing, use_karras_sigmas=karras)
-    check(sampler, cfg, n, name="dpmpp_2m_karras" if karras or sampler == "dpmpp_2m_karras" else "dpmpp_2m")
+def test_dpmpp_2m(prediction_type, sampler, schedule, spacing, n):
+    cfg = sd15(prediction_type=prediction_type, timestep_spacing=spacing)
+    karras = schedule == "karras" or sampler == "dpmpp_2m_karras"
+    check(sampler, cfg, n, name="dpmpp_2m_karras" if karras else "dpmpp_2m", schedule=schedule)
 
 
 @pytest.mark.parametrize("n", STEPS)
@@ -246,7 +250,7 @@ def test_tolerance_catches_a_wrong_timestep():
     g = torch.Generator("cpu").manual_seed(0)
     x = torch.randn(SHAPE, generator=g) * sched.noise_scale
     den = Denoiser(shifted, sched, train_sigmas(cfg), "epsilon")
-    wrong = SAMPLER_FUNCTIONS["euler"](den, x, sched.sigmas)
+    wrong = SAMPLERS["euler"].fn(den, x, sched.sigmas)
     ref, _ = run_diffusers("euler", cfg, 10)
     assert not torch.allclose(wrong, ref, rtol=RTOL, atol=ATOL_FRACTION * ref.abs().max().item())
 
@@ -278,13 +282,13 @@ def test_denoiser_timestep_fallback_matches_sigma_to_t():
     assert float(den.timestep(torch.tensor(1e-4))) == 0.0
 
 
-@pytest.mark.parametrize("sampler,karras", [("ddim", False), ("euler", False), ("euler", True),
-                                            ("dpmpp_2m", False), ("dpmpp_2m_karras", False)])
-def test_denoiser_timestep_for_schedule_sigmas(sampler, karras):
+@pytest.mark.parametrize("sampler,schedule", [("ddim", "default"), ("euler", "default"), ("euler", "karras"),
+                                              ("dpmpp_2m", "default"), ("dpmpp_2m_karras", "default")])
+def test_denoiser_timestep_for_schedule_sigmas(sampler, schedule):
     """A sigma of the schedule maps to exactly the timestep diffusers tells the UNet, even where
     that is rounded (DPM + Karras) rather than the interpolated value."""
-    cfg = sd15(use_karras_sigmas=karras)
-    sched = make_schedule(sampler, cfg, 10)
+    cfg = sd15()
+    sched = make_schedule(sampler, cfg, 10, schedule)
     den = Denoiser(FakeUNet("epsilon"), sched, train_sigmas(cfg), "epsilon")
     for s, t in zip(sched.sigmas, sched.timesteps):
         assert torch.equal(den.timestep(s), t)

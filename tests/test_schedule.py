@@ -24,8 +24,8 @@ from diffusers import (
 )
 
 from helpers import diffusers_scheduler, sd15
+from sd.samplers import SAMPLERS
 from sd.schedule import (
-    SAMPLERS,
     ScheduleConfig,
     alphas_cumprod,
     make_schedule,
@@ -37,15 +37,15 @@ SPACINGS = ("leading", "trailing", "linspace")
 BETAS = ("scaled_linear", "linear")
 # 7 and 61: T % n != 0 (for "trailing", n = 61 even gives 62 timesteps, in both).
 STEPS = (1, 2, 4, 7, 8, 20, 25, 50, 61)
-# (sampler, use_karras_sigmas in ScheduleConfig)
-KINDS = [("ddim", False), ("euler", False), ("euler", True), ("euler_a", False),
-         ("dpmpp_2m", False), ("dpmpp_2m", True), ("dpmpp_2m_karras", False)]
-KIND_IDS = [s + ("+karras" if k else "") for s, k in KINDS]
+# (sampler, schedule)
+KINDS = [("ddim", "default"), ("euler", "default"), ("euler", "karras"), ("euler_a", "default"),
+         ("dpmpp_2m", "default"), ("dpmpp_2m", "karras"), ("dpmpp_2m_karras", "default")]
+KIND_IDS = [s + ("+" + k if k != "default" else "") for s, k in KINDS]
 
 
-def pair(sampler, cfg, n):
-    ours = make_schedule(sampler, cfg, n)
-    ref = diffusers_scheduler(sampler, cfg)
+def pair(sampler, cfg, n, schedule="default"):
+    ours = make_schedule(sampler, cfg, n, schedule)
+    ref = diffusers_scheduler(sampler, cfg, schedule)
     ref.set_timesteps(n)
     return ours, ref
 
@@ -96,11 +96,11 @@ def test_sigma_to_t_matches_diffusers():
 # Step counts loop inside the tests (a parameter each would cost more in pytest than the checks).
 
 @pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize("sampler,karras", KINDS, ids=KIND_IDS)
-def test_timesteps(sampler, karras, spacing):
+@pytest.mark.parametrize("sampler,schedule", KINDS, ids=KIND_IDS)
+def test_timesteps(sampler, schedule, spacing):
     for beta_schedule, n in itertools.product(BETAS, STEPS):
-        cfg = sd15(timestep_spacing=spacing, use_karras_sigmas=karras, beta_schedule=beta_schedule)
-        ours, ref = pair(sampler, cfg, n)
+        cfg = sd15(timestep_spacing=spacing, beta_schedule=beta_schedule)
+        ours, ref = pair(sampler, cfg, n, schedule)
         msg = f"{beta_schedule}, n={n}"
         assert ours.timesteps.dtype == torch.float32
         theirs = ref.timesteps.to(torch.float32)
@@ -117,13 +117,13 @@ def test_lightning_trailing_timesteps():
 # --- sigmas -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize("sampler,karras", [k for k in KINDS if k[0] != "ddim"],
+@pytest.mark.parametrize("sampler,schedule", [k for k in KINDS if k[0] != "ddim"],
                          ids=[i for i in KIND_IDS if i != "ddim"])
-def test_sigmas_k_diffusion_family(sampler, karras, spacing):
+def test_sigmas_k_diffusion_family(sampler, schedule, spacing):
     """Euler, Euler ancestral and DPM-Solver++ keep `sigmas` (n+1, last 0) as sd does."""
     for beta_schedule, n in itertools.product(BETAS, STEPS):
-        cfg = sd15(timestep_spacing=spacing, use_karras_sigmas=karras, beta_schedule=beta_schedule)
-        ours, ref = pair(sampler, cfg, n)
+        cfg = sd15(timestep_spacing=spacing, beta_schedule=beta_schedule)
+        ours, ref = pair(sampler, cfg, n, schedule)
         msg = f"{beta_schedule}, n={n}"
         assert ours.sigmas.dtype == torch.float32
         assert ours.sigmas.shape == (len(ours.timesteps) + 1,), msg
@@ -225,11 +225,11 @@ def test_plms_schedule(spacing):
 # --- noise scale ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("spacing", SPACINGS)
-@pytest.mark.parametrize("sampler,karras", KINDS, ids=KIND_IDS)
-def test_noise_scale(sampler, karras, spacing):
+@pytest.mark.parametrize("sampler,schedule", KINDS, ids=KIND_IDS)
+def test_noise_scale(sampler, schedule, spacing):
     for n in STEPS:
-        cfg = sd15(timestep_spacing=spacing, use_karras_sigmas=karras)
-        ours, ref = pair(sampler, cfg, n)
+        cfg = sd15(timestep_spacing=spacing)
+        ours, ref = pair(sampler, cfg, n, schedule)
         assert isinstance(ours.noise_scale, float)
         if sampler in ("euler", "euler_a"):
             # The Euler family keeps latents in sigma space, so this is init_noise_sigma itself:
@@ -258,8 +258,8 @@ def test_noise_scale(sampler, karras, spacing):
 def test_to_latents(set_alpha_to_one):
     """Sigma-space result -> diffusers' latents: only DDIM with a non-zero last sigma rescales."""
     x = torch.randn(1, 4, 8, 8, generator=torch.Generator("cpu").manual_seed(0))
-    for sampler, karras in KINDS:
-        sched = make_schedule(sampler, sd15(use_karras_sigmas=karras, set_alpha_to_one=set_alpha_to_one), 4)
+    for sampler, schedule in KINDS:
+        sched = make_schedule(sampler, sd15(set_alpha_to_one=set_alpha_to_one), 4, schedule)
         if sampler == "ddim" and not set_alpha_to_one:
             ac0 = alphas_cumprod(sd15())[0]
             torch.testing.assert_close(sched.to_latents(x), x * ac0 ** 0.5, rtol=1e-6, atol=0)
@@ -289,20 +289,19 @@ def test_from_diffusers_picks_known_keys():
     assert cfg == sd15()
     cfg = ScheduleConfig.from_diffusers({"timestep_spacing": "trailing", "prediction_type": "v_prediction",
                                          "use_karras_sigmas": True, "steps_offset": 0, "whatever": [1, 2]})
-    assert (cfg.timestep_spacing, cfg.prediction_type, cfg.use_karras_sigmas, cfg.steps_offset) == \
-        ("trailing", "v_prediction", True, 0)
+    assert (cfg.timestep_spacing, cfg.prediction_type, cfg.steps_offset) == ("trailing", "v_prediction", 0)
     assert cfg.beta_start == 0.00085 and cfg.beta_schedule == "scaled_linear"  # untouched: defaults
     assert ScheduleConfig.from_diffusers({}) == ScheduleConfig()
 
 
-@pytest.mark.parametrize("sampler,karras", KINDS, ids=KIND_IDS)
+@pytest.mark.parametrize("sampler,schedule", KINDS, ids=KIND_IDS)
 @pytest.mark.parametrize("spacing", SPACINGS)
-def test_from_diffusers_scheduler_config_roundtrip(sampler, karras, spacing):
+def test_from_diffusers_scheduler_config_roundtrip(sampler, schedule, spacing):
     """A diffusers scheduler's own (complete) config read back gives the same schedule."""
-    ref = diffusers_scheduler(sampler, sd15(timestep_spacing=spacing, use_karras_sigmas=karras))
+    ref = diffusers_scheduler(sampler, sd15(timestep_spacing=spacing), schedule)
     cfg = ScheduleConfig.from_diffusers(dict(ref.config))
     ref.set_timesteps(20)
-    ours = make_schedule(sampler, cfg, 20)
+    ours = make_schedule(sampler, cfg, 20, schedule)
     torch.testing.assert_close(ours.timesteps, ref.timesteps.to(torch.float32), rtol=1e-6, atol=1e-5)
 
 
@@ -319,8 +318,8 @@ def test_bad_settings_name_the_field(sampler):
 
 
 def test_unknown_sampler_names_the_field():
-    with pytest.raises(ValueError, match="sampler"):
-        make_schedule("heun", sd15(), 4)
+    with pytest.raises(ValueError, match="sampler: 'no_such_sampler' is not one of"):
+        make_schedule("no_such_sampler", sd15(), 4)
 
 
 # --- bit-for-bit: the training table and Karras sigmas -----------------------------------
@@ -334,7 +333,7 @@ def test_train_sigmas_bitwise():
 
 
 def test_euler_karras_timesteps_bitwise():
-    ours, ref = pair("euler", sd15(timestep_spacing="leading", use_karras_sigmas=True), 20)
+    ours, ref = pair("euler", sd15(timestep_spacing="leading"), 20, "karras")
     assert torch.equal(ours.timesteps, ref.timesteps)
 
 

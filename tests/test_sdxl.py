@@ -147,7 +147,7 @@ def folder_pair(folder):
 def test_folder_reads_sdxl_settings(folder_pair):
     ours, _, config = folder_pair
     assert ours.family == "sdxl" and len(ours.text_encoders) == 2
-    assert ours.default_sampler == "euler"
+    assert ours.defaults.sampler == "euler"
     assert ours.unet.cfg.heads == (1, 2) and ours.unet.cfg.context_dim == CONTEXT_DIM
     assert ours.unet.cfg.adm_in_channels == ADM_IN
     assert ours.vae.cfg.scaling_factor == 0.13025
@@ -312,7 +312,7 @@ def test_single_file_configs_and_junk(single_file, single_file_pair):
     assert ours.family == "sdxl"
     assert ours.unet.cfg == UNET_XL and ours.vae.cfg == VAE_XL
     assert [e.cfg for e in ours.text_encoders] == [CLIP_L_TINY, BIG_G_TINY]
-    assert ours.default_sampler == "euler" and ours.schedule_config == ScheduleConfig()
+    assert ours.defaults.sampler == "euler" and ours.schedule_config == ScheduleConfig()
     assert ours.sample_size == 1024
     # text_projection arrives transposed back into a Linear weight.
     stored = load_file(str(single_file))[BIG_G_KEY + "text_projection"]
@@ -382,7 +382,7 @@ def lightning_reference(ref, config, steps, **kw) -> np.ndarray:
 
 
 def assert_lightning_defaults(ours, steps: int):
-    assert ours.default_sampler == "euler" and ours.default_steps == steps and ours.default_guidance == 0
+    assert ours.defaults.sampler == "euler" and ours.defaults.num_steps == steps and ours.defaults.guidance == 0
     assert ours.schedule_config.timestep_spacing == "trailing"
     assert ours.schedule_config.prediction_type == ("sample" if steps == 1 else "epsilon")
     s = ours.last_settings
@@ -418,7 +418,7 @@ def test_lightning_steps_argument(folder, lightning, lightning_ref):
 def test_replacement_unet_without_lightning_keeps_folder_defaults(folder, lightning, lightning_ref):
     """No step count in the name and none given: a plain UNet swap, the folder's schedule and CFG."""
     ours = sd.load(folder, unet=lightning[1]["unnamed"], device="cpu")
-    assert ours.schedule_config.timestep_spacing == "leading" and ours.default_guidance > 1
+    assert ours.schedule_config.timestep_spacing == "leading" and ours.defaults.guidance > 1
     img = ours.generate(PROMPT, width=64, height=48, num_steps=STEPS, guidance=GUIDANCE, seed=SEED)
     ref, config = lightning_ref
     expected = run_reference(ref, EulerDiscreteScheduler.from_config(config), width=64, height=48)

@@ -76,7 +76,7 @@ def generate(ours, sampler, strength, **kw):
     steps = []
     img = ours.generate(PROMPT, negative_prompt=NEGATIVE, num_steps=STEPS, guidance=GUIDANCE, seed=SEED,
                         sampler=sampler, image=picture(), strength=strength,
-                        progress=lambda i, n: steps.append(i), **kw)
+                        callback=lambda step: steps.append(step.i + 1), **kw)
     assert steps == list(range(1, int(STEPS * strength) + 1)), steps
     return img
 

@@ -547,7 +547,7 @@ class FakeModels:
     def __init__(self, registry):
         self.registry, self.device, self.calls = registry, "cpu", []
 
-    def generate(self, model_id, prompt, *, progress=None, **fields):
+    def generate(self, model_id, prompt, *, callback=None, **fields):
         self.calls.append((model_id, prompt, fields))
         if prompt == "boom":
             raise RuntimeError("secret internal detail /srv/weights")

@@ -63,8 +63,8 @@ def test_it_loads_through_sd_load_with_its_preset(tiny):
     assert tiny.unet.cfg.context_dim == tiny.text_encoders[0].cfg.width
     image = tiny.generate("a large yellow square in the center, blue background", seed=0)
     assert image.size == (SAMPLE_SIZE, SAMPLE_SIZE)
-    assert (tiny.last_settings["sampler"], tiny.last_settings["num_steps"]) == (tiny.default_sampler,
-                                                                            tiny.default_steps)
+    assert (tiny.last_settings["sampler"], tiny.last_settings["num_steps"]) == (tiny.defaults.sampler,
+                                                                            tiny.defaults.num_steps)
 
 
 def test_pictures_mean_what_the_prompts_say(tiny):
