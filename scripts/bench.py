@@ -2,6 +2,7 @@
 
     python scripts/bench.py                                   # SD 1.5, CPU, fp32, 256x256, 4 steps
     python scripts/bench.py --model sdxl --device cuda --dtype float16 --size 1024 --steps 20 --compile
+    python scripts/bench.py --tiny --size 64 --steps 2 --repeats 1     # the same code paths in seconds
 
 The checkpoint is the real architecture with random weights, in the official single-file
 layout, written once under --cache. Both libraries load that same file; each row is the
@@ -19,15 +20,16 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 import sd
-from sd.clip import CLIP_BIG_G, CLIP_L, CLIPTextModel
+from sd.clip import CLIP_BIG_G, CLIP_L, CLIPConfig, CLIPTextModel
 from sd.tokenizer import ASSETS, bpe_model
-from sd.unet import SD15, SDXL, UNet
-from sd.vae import VAE_SD15, VAE_SDXL, AutoencoderKL
+from sd.unet import SD15, SDXL, UNet, UNetConfig, timestep_embedding
+from sd.vae import VAE_SD15, VAE_SDXL, AutoencoderKL, VAEConfig
 from sd.weights import hf_to_openclip, no_weight_init
 
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -47,6 +49,8 @@ def parse_args():
                    help="add a VAE decode of a SIZE x SIZE image, tiled and whole: time and peak memory (one run)")
     p.add_argument("--file-dtype", choices=list(DTYPES), default="float32",
                    help="of the checkpoint written (float16 makes SDXL's 7 GB instead of 14)")
+    p.add_argument("--tiny", action="store_true",
+                   help="tiny stand-ins of the models (every block type, a few MB): rehearses the script in seconds")
     p.add_argument("--one-at-a-time", action="store_true",
                    help="load and time one library, free it, then the other (when both do not fit in memory)")
     p.add_argument("--peak-of", help=argparse.SUPPRESS)  # internal: measure this library's load peak, print it
@@ -57,6 +61,34 @@ def parse_args():
 
 
 # ---------------------------------------------------------------- the checkpoint and diffusers' configs
+
+@dataclass(frozen=True)
+class Arch:
+    """The models of one checkpoint: the UNet, the VAE, and CLIP-L (then, for SDXL, bigG)."""
+    unet: UNetConfig
+    vae: VAEConfig
+    texts: tuple[CLIPConfig, ...]
+
+
+ARCHS = {"sd15": Arch(SD15, VAE_SD15, (CLIP_L,)), "sdxl": Arch(SDXL, VAE_SDXL, (CLIP_L, CLIP_BIG_G))}
+# Every block type of the real ones at a few MB, for rehearsing a run on a CPU in seconds
+# (scripts/gpu_check.py --quick). They keep the rules the single-file loader reads configs by:
+# 8 heads per UNet level for SD 1.5, 64 channels per head for SDXL and for CLIP, and GroupNorm's
+# 32 groups; the VAE keeps its 8x downscaling, and bigG is wider than CLIP-L, as diffusers'
+# single-file loader tells the two apart by their width.
+_TINY_CLIP_L = CLIPConfig(width=64, layers=2, heads=1, mlp_width=128)
+_TINY_BIG_G = CLIPConfig(width=128, layers=2, heads=2, mlp_width=256, act="gelu", projection_dim=128)
+TINY_ARCHS = {
+    "sd15": Arch(UNetConfig(model_channels=32, channel_mult=(1, 2, 2), transformer_depth=(1, 1, 0),
+                            heads=(8, 8, 8), context_dim=64),
+                 VAEConfig(channels=32, channel_mult=(1, 1, 2, 2)), (_TINY_CLIP_L,)),
+    "sdxl": Arch(UNetConfig(model_channels=64, channel_mult=(1, 2, 2), transformer_depth=(0, 1, 2),
+                            mid_transformer_depth=2, heads=(1, 2, 2), context_dim=64 + 128, linear_proj=True,
+                            adm_in_channels=128 + 6 * 8),
+                 VAEConfig(channels=32, channel_mult=(1, 1, 2, 2), scaling_factor=VAE_SDXL.scaling_factor),
+                 (_TINY_CLIP_L, _TINY_BIG_G)),
+}
+
 
 def init_weights(module: torch.nn.Module) -> torch.nn.Module:
     """Random weights of a sane scale (so float16 neither overflows nor underflows): matrices and
@@ -70,36 +102,36 @@ def init_weights(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def write_checkpoint(model: str, path: Path, dtype: torch.dtype):
-    """Full-size random weights in the official single-file layout, in `dtype`. The modules
-    are built in that dtype and init_weights sets every weight, so torch's own initialisation
-    is skipped: SDXL in float16 takes 7 GB to build, not a 10 GB float32 UNet first."""
+def write_checkpoint(model: str, path: Path, dtype: torch.dtype, arch: Arch | None = None,
+                     device: str | torch.device = "cpu"):
+    """Random weights of `arch` (default: the full-size model) in the official single-file
+    layout, in `dtype`. The modules are built in that dtype and init_weights sets every weight,
+    so torch's own initialisation is skipped: SDXL in float16 takes 7 GB to build, not a 10 GB
+    float32 UNet first. On a GPU (`device`) the random numbers take a second instead of minutes."""
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)
     try:
-        with no_weight_init():
-            state = random_state(model)
+        with no_weight_init(), torch.device(device):
+            state = random_state(model, arch or ARCHS[model])
     finally:
         torch.set_default_dtype(torch.float32)
     from safetensors.torch import save_file
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path) + ".part")
+    save_file({k: v.cpu() for k, v in state.items()}, str(path) + ".part")
     os.replace(str(path) + ".part", path)
 
 
-def random_state(model: str) -> dict[str, torch.Tensor]:
+def random_state(model: str, arch: Arch) -> dict[str, torch.Tensor]:
     def weights(prefix, module):
         return {prefix + k: v.contiguous() for k, v in init_weights(module).state_dict().items()}
+    state = {**weights("model.diffusion_model.", UNet(arch.unet)),
+             **weights("first_stage_model.", AutoencoderKL(arch.vae))}
     if model == "sd15":
-        return {**weights("model.diffusion_model.", UNet(SD15)),
-                **weights("first_stage_model.", AutoencoderKL(VAE_SD15)),
-                **weights("cond_stage_model.transformer.text_model.", CLIPTextModel(CLIP_L)),
+        return {**state, **weights("cond_stage_model.transformer.text_model.", CLIPTextModel(arch.texts[0])),
                 "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
-    big_g = hf_to_openclip(init_weights(CLIPTextModel(CLIP_BIG_G)).state_dict())
-    return {**weights("model.diffusion_model.", UNet(SDXL)),
-            **weights("first_stage_model.", AutoencoderKL(VAE_SDXL)),
-            **weights("conditioner.embedders.0.transformer.text_model.", CLIPTextModel(CLIP_L)),
-            **{"conditioner.embedders.1.model." + k: v for k, v in big_g.items()}}
+    big_g = hf_to_openclip(init_weights(CLIPTextModel(arch.texts[1])).state_dict())
+    return {**state, **weights("conditioner.embedders.0.transformer.text_model.", CLIPTextModel(arch.texts[0])),
+            **{"conditioner.embedders.1.model." + k: v.contiguous() for k, v in big_g.items()}}
 
 
 def clip_config(cfg, with_projection: bool) -> dict:
@@ -110,38 +142,57 @@ def clip_config(cfg, with_projection: bool) -> dict:
             "layer_norm_eps": cfg.eps, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1}
 
 
-def write_diffusers_configs(model: str, folder: Path):
+def diffusers_unet_config(cfg: UNetConfig, time_embed_dim: int | None) -> dict:
+    """diffusers' UNet2DConditionModel config for sd's UNetConfig. `attention_head_dim` is
+    diffusers' legacy name for the head counts (SD 1.5: 8; SDXL: 5, 10, 20); the middle block
+    takes the last level's transformer depth."""
+    attn = ["CrossAttn" if depth else "" for depth in cfg.transformer_depth]
+    layers = [depth or 1 for depth in cfg.transformer_depth]
+    layers[-1] = cfg.mid_transformer_depth
+    config = {"_class_name": "UNet2DConditionModel", "in_channels": cfg.in_channels,
+              "out_channels": cfg.out_channels, "attention_head_dim": list(cfg.heads),
+              "cross_attention_dim": cfg.context_dim, "layers_per_block": cfg.num_res_blocks,
+              "block_out_channels": [cfg.model_channels * m for m in cfg.channel_mult],
+              "down_block_types": [f"{a}DownBlock2D" for a in attn],
+              "up_block_types": [f"{a}UpBlock2D" for a in reversed(attn)],
+              "transformer_layers_per_block": layers, "use_linear_projection": cfg.linear_proj,
+              "norm_num_groups": cfg.norm_groups, "sample_size": 128 if cfg.adm_in_channels else 64}
+    if cfg.adm_in_channels:
+        config.update(addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
+                      projection_class_embeddings_input_dim=cfg.adm_in_channels)
+    return config
+
+
+def size_embed_dim(arch: Arch) -> int:
+    """SDXL: the width of each of the six size/crop numbers' embeddings (256 in SDXL)."""
+    return (arch.unet.adm_in_channels - arch.texts[-1].projection_dim) // 6
+
+
+def write_diffusers_configs(model: str, folder: Path, arch: Arch | None = None):
     """The component configs diffusers' from_single_file needs (it would fetch them from the Hub)."""
+    arch = arch or ARCHS[model]
     euler = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
              "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
              "timestep_spacing": "leading", "prediction_type": "epsilon"}
     if model == "sd15":
-        unet = {"_class_name": "UNet2DConditionModel", "attention_head_dim": 8, "cross_attention_dim": 768,
-                "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2, "sample_size": 64,
-                "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3}
+        unet = diffusers_unet_config(arch.unet, None)
         index = {"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
                  "tokenizer": ["transformers", "CLIPTokenizer"], "safety_checker": [None, None],
                  "feature_extractor": [None, None], "requires_safety_checker": False}
-        encoders = {"text_encoder": clip_config(CLIP_L, False)}
-        vae_scale = VAE_SD15.scaling_factor
+        encoders = {"text_encoder": clip_config(arch.texts[0], False)}
     else:
-        unet = {"_class_name": "UNet2DConditionModel", "attention_head_dim": [5, 10, 20],
-                "cross_attention_dim": 2048, "block_out_channels": [320, 640, 1280], "layers_per_block": 2,
-                "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-                "transformer_layers_per_block": [1, 2, 10], "use_linear_projection": True,
-                "addition_embed_type": "text_time", "addition_time_embed_dim": 256,
-                "projection_class_embeddings_input_dim": 2816, "sample_size": 128}
+        unet = diffusers_unet_config(arch.unet, size_embed_dim(arch))
         index = {"_class_name": "StableDiffusionXLPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
                  "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
                  "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
                  "force_zeros_for_empty_prompt": True}
-        encoders = {"text_encoder": clip_config(CLIP_L, False), "text_encoder_2": clip_config(CLIP_BIG_G, True)}
-        vae_scale = VAE_SDXL.scaling_factor
-    vae = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
-           "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
-           "latent_channels": 4, "scaling_factor": vae_scale, "force_upcast": model == "sdxl",
+        encoders = {"text_encoder": clip_config(arch.texts[0], False),
+                    "text_encoder_2": clip_config(arch.texts[1], True)}
+    v = arch.vae
+    vae = {"_class_name": "AutoencoderKL", "block_out_channels": [v.channels * m for m in v.channel_mult],
+           "layers_per_block": v.num_res_blocks, "down_block_types": ["DownEncoderBlock2D"] * len(v.channel_mult),
+           "up_block_types": ["UpDecoderBlock2D"] * len(v.channel_mult), "latent_channels": v.latent_channels,
+           "norm_num_groups": v.norm_groups, "scaling_factor": v.scaling_factor, "force_upcast": model == "sdxl",
            "sample_size": 1024 if model == "sdxl" else 512}  # also the side of diffusers' VAE tiles
     files = {"model_index.json": {**index, "unet": ["diffusers", "UNet2DConditionModel"],
                                   "vae": ["diffusers", "AutoencoderKL"],
@@ -180,18 +231,20 @@ class Timer:
     """Seconds one call takes: CUDA events on a GPU, the wall clock on the CPU."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+        self.device = device if device.type == "cuda" else None
 
     def __call__(self, fn) -> float:
-        if not self.cuda:
+        if self.device is None:
             t = time.perf_counter()
             fn()
             return time.perf_counter() - t
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        # Work still queued from before would otherwise run between the two events and be counted.
+        torch.cuda.synchronize(self.device)
         start.record()
         fn()
         end.record()
-        torch.cuda.synchronize()
+        end.synchronize()  # elapsed_time needs both events to have happened
         return start.elapsed_time(end) / 1000
 
 
@@ -253,8 +306,12 @@ def load_peak_in_fresh_process(lib) -> int:
     return int(child.stdout.split()[-1])
 
 
-def matmul_rate(device: torch.device, dtype: torch.dtype, n: int = 2048, calls: int = 10) -> float:
-    """The device's measured matrix-multiply rate, floating-point operations per second."""
+def matmul_rate(device: torch.device, dtype: torch.dtype, n: int | None = None, calls: int = 10) -> float:
+    """The device's measured matrix-multiply rate, floating-point operations per second. On a GPU
+    the matrices are 8192 square: 2048 square ones take microseconds there, and launching them
+    would be timed instead of multiplying. A CPU has no fast float16 kernels (0.4 GFLOP/s on the
+    Xeon of docs/PERFORMANCE.md), where 256 square ones take a second and 2048 square minutes."""
+    n = n or (8192 if device.type == "cuda" else 256 if dtype == torch.float16 else 2048)
     a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
     timer = Timer(device)
     a @ b
@@ -296,7 +353,9 @@ class Ours:
 
     def decode(self, z, tiled=False):
         self.pipe.vae_tiling = tiled
-        return self.pipe.vae.decode(z, tile=self.pipe.vae_tile(*(side * self.pipe.vae.scale for side in z.shape[-2:])))
+        # The pipeline's own cast: SDXL's VAE stays float32 in a float16 pipeline.
+        return self.pipe.vae.decode(z.to(self.pipe.vae_dtype),
+                                    tile=self.pipe.vae_tile(*(side * self.pipe.vae.scale for side in z.shape[-2:])))
 
     def generate(self, size, steps):
         return self.pipe.generate(PROMPT, width=size, height=size, num_steps=steps, guidance=7.5, seed=0,
@@ -335,34 +394,44 @@ class Diffusers:
     def unet(self, x, t, inputs):
         extra = {}
         if self.sdxl:
-            pooled, sizes = inputs["y"][:, :1280], inputs["time_ids"]
-            extra = {"added_cond_kwargs": {"text_embeds": pooled, "time_ids": sizes}}
+            extra = {"added_cond_kwargs": {"text_embeds": inputs["pooled"], "time_ids": inputs["time_ids"]}}
         return self.pipe.unet(x, t, encoder_hidden_states=inputs["context"], **extra).sample
 
     def decode(self, z, tiled=False):
         vae = self.pipe.vae
         vae.enable_tiling() if tiled else vae.disable_tiling()
-        return vae.decode(z).sample
+        # As diffusers' SDXL pipeline decodes: a float16 VAE whose config says force_upcast runs
+        # in float32 for the decode, then goes back to float16. vae.decode alone would not.
+        upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            return vae.decode(z.to(vae.dtype)).sample
+        finally:
+            if upcast:
+                vae.to(torch.float16)
 
     def generate(self, size, steps):
         return self.pipe(PROMPT, width=size, height=size, num_inference_steps=steps, guidance_scale=7.5,
                          generator=torch.Generator("cpu").manual_seed(0)).images[0]
 
 
-def unet_inputs(model: str, size: int, device, dtype) -> tuple:
-    """Batch-2 (CFG) UNet inputs: latents, timestep, text (and for SDXL, pooled text + size ids)."""
+def unet_inputs(model: str, size: int, device, dtype, arch: Arch | None = None) -> tuple:
+    """Batch-2 (CFG) UNet inputs as each pipeline makes them inside generate: latents and text
+    in `dtype`, the timestep a float32 scalar (so a compiled UNet sees the same input here as in
+    generate and is not compiled twice), and for SDXL the pooled text with the size ids (sd:
+    `y`, the ids embedded in float32 then cast; diffusers: `pooled` and `time_ids` in `dtype`)."""
+    arch = arch or ARCHS[model]
     g = torch.Generator("cpu").manual_seed(0)
     h = size // 8
-    x = torch.randn(2, 4, h, h, generator=g).to(device, dtype)
-    t = torch.tensor([500.0, 500.0], device=device)
-    width = 2048 if model == "sdxl" else 768
-    inputs = {"context": torch.randn(2, 77, width, generator=g).to(device, dtype)}
+    x = torch.randn(2, arch.unet.in_channels, h, h, generator=g).to(device, dtype)
+    t = torch.tensor(500.0, device=device)
+    inputs = {"context": torch.randn(2, 77, arch.unet.context_dim, generator=g).to(device, dtype)}
     if model == "sdxl":
-        pooled = torch.randn(2, 1280, generator=g).to(device, dtype)
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]] * 2, device=device, dtype=dtype)
-        from sd.unet import timestep_embedding
-        y = torch.cat([pooled, timestep_embedding(time_ids.flatten(), 256).reshape(2, -1).to(dtype)], dim=-1)
-        inputs.update(y=y, time_ids=time_ids)
+        pooled = torch.randn(2, arch.texts[-1].projection_dim, generator=g).to(device, dtype)
+        sizes = torch.tensor([[size, size, 0, 0, size, size]] * 2, device=device, dtype=torch.float32)
+        embedded = timestep_embedding(sizes.flatten(), size_embed_dim(arch)).reshape(2, -1)
+        inputs.update(y=torch.cat([pooled, embedded.to(dtype)], dim=-1), pooled=pooled, time_ids=sizes.to(dtype))
     return x, t, inputs
 
 
@@ -377,19 +446,36 @@ def run(libs, args, device) -> dict[str, dict]:
             seconds, ready, pipe = measure_load(lib, args.repeats, device)
             lib.setup(pipe)
             rows[lib.name].update({"load (s)": seconds, "load, then every weight read once (s)": ready})
+    for name, values in time_rows(libs, args, device).items():
+        rows.setdefault(name, {}).update(values)
+    return rows
+
+
+def time_rows(libs, args, device, arch: Arch | None = None, on_row=None) -> dict[str, dict]:
+    """The rows after loading, for libraries already set up: text encoding, UNet step, VAE
+    decode, whole generate, the UNet's floor, on a GPU the peak device memory, and with
+    args.tiled the large decode. `on_row(rows)` is called after each row (to save partial
+    results). `args` needs model, size, steps, dtype, repeats and tiled."""
+    rows = {lib.name: {} for lib in libs}
+    arch = arch or (TINY_ARCHS if getattr(args, "tiny", False) else ARCHS)[args.model]
+    on_row = on_row or (lambda rows: None)
+    with torch.inference_mode():
         dtype = DTYPES[args.dtype]
-        x, t, inputs = unet_inputs(args.model, args.size, device, dtype)
-        z = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(1))
-        z = z.to(device, dtype)
+        x, t, inputs = unet_inputs(args.model, args.size, device, dtype, arch)
+        latent = (1, arch.vae.latent_channels, args.size // 8, args.size // 8)
+        z = torch.randn(latent, generator=torch.Generator().manual_seed(1)).to(device, dtype)
         work = {"text encoding (s)": lambda lib: lib.text(),
                 "UNet step, batch 2 (s)": lambda lib: lib.unet(x, t, inputs),
                 "VAE decode (s)": lambda lib: lib.decode(z),
                 f"generate {args.size}x{args.size}, {args.steps} steps (s)": lambda lib: lib.generate(args.size,
                                                                                                      args.steps)}
         flops, rate = unet_flops(libs[0], x, t, inputs), matmul_rate(device, dtype)
-        rows["floor"] = {"UNet step, batch 2 (s)": flops / rate}
+        # The step's floor, then what it is made of (the table prints only the first).
+        rows["floor"] = {"UNet step, batch 2 (s)": flops / rate, "UNet step (GFLOP)": flops / 1e9,
+                         "matmul rate (GFLOP/s)": rate / 1e9}
         print(f"UNet step: {flops / 1e9:.0f} GFLOP; matmul rate {rate / 1e9:.0f} GFLOP/s; "
               f"floor {flops / rate:.3f} s", flush=True)
+        on_row(rows)
         timer = Timer(device)
         for row, fn in work.items():
             print(f"timing {row}", flush=True)
@@ -401,6 +487,7 @@ def run(libs, args, device) -> dict[str, dict]:
                     times[lib.name].append(timer(lambda: fn(lib)))
             for lib in libs:
                 rows[lib.name][row] = statistics.median(times[lib.name])
+            on_row(rows)
         if device.type == "cuda":
             for lib in libs:
                 # Its own weights plus the rise during generate: the other library's weights, on the
@@ -409,9 +496,10 @@ def run(libs, args, device) -> dict[str, dict]:
                               if p.device.type == "cuda") / 1e9
                 rows[lib.name]["peak device memory, generate (GB)"] = weights + peak_memory(
                     lambda: lib.generate(args.size, args.steps), device)[1]
+            on_row(rows)
         if args.tiled:
-            z = torch.randn(1, 4, args.tiled // 8, args.tiled // 8, generator=torch.Generator().manual_seed(2))
-            z = z.to(device, dtype)
+            latent = (1, arch.vae.latent_channels, args.tiled // 8, args.tiled // 8)
+            z = torch.randn(latent, generator=torch.Generator().manual_seed(2)).to(device, dtype)
             for tiled in (True, False):
                 how = "tiled" if tiled else "whole"
                 for lib in (lib for lib in libs if not getattr(lib, "compiled", False)):
@@ -419,6 +507,7 @@ def run(libs, args, device) -> dict[str, dict]:
                     seconds, peak = peak_memory(lambda: lib.decode(z, tiled), device)
                     rows[lib.name][f"VAE decode {args.tiled}x{args.tiled} {how}, one run (s)"] = seconds
                     rows[lib.name][f"VAE decode {args.tiled}x{args.tiled} {how}, peak memory (GB)"] = peak
+                    on_row(rows)
     return rows
 
 
@@ -435,13 +524,13 @@ def peak_memory(fn, device) -> tuple[float, float]:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
     else:
         before = rss()
         rss_peak_reset()
     seconds = Timer(device)(fn)
-    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else rss("VmHWM")
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else rss("VmHWM")
     return seconds, (peak - before) / 1e9
 
 
@@ -451,12 +540,14 @@ def main():
     args.size = args.size or (256 if device.type == "cpu" else 1024 if args.model == "sdxl" else 512)
     args.steps = args.steps or (4 if device.type == "cpu" else 20)
     file_dtype = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}[args.file_dtype]
-    path = args.cache / f"{args.model}-random-{file_dtype}.safetensors"
-    config_dir = args.cache / f"{args.model}-diffusers-config"
+    name = args.model + ("-tiny" if args.tiny else "")
+    arch = (TINY_ARCHS if args.tiny else ARCHS)[args.model]
+    path = args.cache / f"{name}-random-{file_dtype}.safetensors"
+    config_dir = args.cache / f"{name}-diffusers-config"
     if not path.is_file():
         print(f"writing {path} (full-size random weights, once)", flush=True)
-        write_checkpoint(args.model, path, DTYPES[args.file_dtype])
-    write_diffusers_configs(args.model, config_dir)
+        write_checkpoint(args.model, path, DTYPES[args.file_dtype], arch, device)
+    write_diffusers_configs(args.model, config_dir, arch)
     file_bytes = path.stat().st_size
     dtype = DTYPES[args.dtype]
     libs = [Ours(path, device, dtype), Diffusers(path, device, dtype, args.model, config_dir)]
@@ -493,8 +584,8 @@ def main():
     print("|---" * (2 * len(names) + 1) + "|")
     for key in rows["sd"]:
         values = [rows[n].get(key) for n in names]
-        ratios = [rows[n][key] / rows["diffusers"][key] if key in rows[n] else None
-                  for n in names if n != "diffusers"]
+        ratios = [rows[n][key] / rows["diffusers"][key] if key in rows[n] and rows["diffusers"].get(key) else None
+                  for n in names if n != "diffusers"]  # a peak of 0 (a tiny model's) has no ratio
         floor = rows["floor"].get(key)
         print(f"| {key} | " + " | ".join(f"{v:.3g}" if v is not None else "" for v in values) + " | "
               + " | ".join(f"{r:.2f}" if r is not None else "" for r in ratios)
