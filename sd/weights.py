@@ -155,10 +155,15 @@ UNET_TOP = {"conv_in": "input_blocks.0.0", "time_embedding.linear_1": "time_embe
             "add_embedding.linear_2": "label_emb.0.2", "conv_norm_out": "out.0", "conv_out": "out.2"}
 
 
-def unet_from_diffusers(sd: StateDict) -> StateDict:
-    """diffusers `down_blocks.1.attentions.0.proj_in` -> LDM `input_blocks.4.1.proj_in`, and so on."""
-    n = _count(sd, r"down_blocks\.0\.resnets\.(\d+)\.")  # resnets per down block
-    up_has_attn = {int(m.group(1)) for k in sd if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+def unet_from_diffusers(sd: StateDict, config: UNetConfig | None = None) -> StateDict:
+    """diffusers `down_blocks.1.attentions.0.proj_in` -> LDM `input_blocks.4.1.proj_in`, and so on.
+    The block layout is read off the keys, or from `config` where the keys are too few to tell (a LoRA's)."""
+    if config is None:
+        n = _count(sd, r"down_blocks\.0\.resnets\.(\d+)\.")  # resnets per down block
+        up_has_attn = {int(m.group(1)) for k in sd if (m := re.match(r"up_blocks\.(\d+)\.attentions\.", k))}
+    else:  # diffusers' up block b is level (levels - 1 - b)
+        n, depths = config.num_res_blocks, config.transformer_depth
+        up_has_attn = {b for b, depth in enumerate(reversed(depths)) if depth}
 
     def rename(key: str) -> str:
         for old, new in UNET_TOP.items():
