@@ -107,7 +107,7 @@ class Pipeline:
     # ------------------------------------------------------------ conditioning
 
     @torch.no_grad()
-    def encode_prompts(self, texts: list[str], *, clip_skip: int | None = None,
+    def encode_prompts(self, texts: list[str], *, clip_skip: int | None | list[int | None] = None,
                        style: str = "plain") -> prompts.PromptEmbeddings:
         """(B, T, C) text embeddings (and SDXL's pooled vectors) for a batch of prompts; see sd/prompts.py."""
         return prompts.encode(self.text_encoders, self.tokenizers, self.family == "sdxl", texts,
@@ -129,7 +129,9 @@ class Pipeline:
         negatives = [n or "" for n in request.negative_prompts]
         zeros = sdxl and all(n is None for n in request.negative_prompts)
         texts = list(request.prompts) + (negatives if use_cfg and not zeros else [])
-        emb = self.encode_prompts(texts, clip_skip=request.clip_skip, style=request.prompt_style)
+        # diffusers skips CLIP layers for the prompts only, never for the negative prompts.
+        skips = [request.clip_skip] * B + [None] * (len(texts) - B)
+        emb = self.encode_prompts(texts, clip_skip=skips, style=request.prompt_style)
         dropped = emb.dropped[:B]
 
         def inputs(rows: slice, zero: bool = False) -> dict:
