@@ -8,6 +8,7 @@ A diffusers folder's UNet and VAE go through the small rule tables below.
 import json
 import re
 import threading
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from .clip import CLIP_BIG_G, CLIP_L, CLIPConfig
 from .schedule import ScheduleConfig
 from .tensorfile import CheckpointError, StateDict, read_metadata, read_safetensors  # noqa: F401 (re-exported)
 from .tiny import apply_preset
-from .unet import SD15, SDXL, UNetConfig
+from .unet import SD15, SDXL, UNet, UNetConfig
 from .vae import VAE_SD15, VAE_SDXL, VAEConfig
 
 
@@ -101,48 +102,61 @@ def _count(sd: StateDict, pattern: str) -> int:
     return len({m.group(1) for k in sd if (m := rx.match(k))})
 
 
+def _dim(sd: StateDict, key: str, axis: int, default):
+    """A tensor's size along `axis`, or `default` when the file lacks it (build() then names it)."""
+    tensor = sd.get(key)
+    return tensor.shape[axis] if tensor is not None and tensor.ndim > axis else default
+
+
 def unet_config_from_weights(sd: StateDict, family: str) -> UNetConfig:
     """Channel counts, depths and widths read off the tensors; head counts from the family
-    (SD 1.5: 8 heads per level; SDXL: 64 channels per head), which weights cannot tell."""
+    (SD 1.5: 8 heads per level; SDXL: 64 channels per head), which weights cannot tell. A size
+    whose tensor is missing comes from another tensor or the family's preset, so that build()
+    can list exactly what is missing instead of failing on the first absent key."""
     preset = SDXL if family == "sdxl" else SD15
-    conv_in = sd["input_blocks.0.0.weight"]
-    mc = conv_in.shape[0]
+    mc = _dim(sd, "input_blocks.0.0.weight", 0, _dim(sd, "time_embed.0.weight", 1, preset.model_channels))
     levels = _count(sd, r"input_blocks\.(\d+)\.0\.op\.weight") + 1
-    num_res_blocks = (len({k.split(".")[1] for k in sd if k.startswith("input_blocks.")}) - levels) // levels
+    num_res_blocks = max(1, (len({k.split(".")[1] for k in sd if k.startswith("input_blocks.")}) - levels) // levels)
     mult, depth = [], []
     for level in range(levels):
         first = 1 + level * (num_res_blocks + 1)
-        mult.append(sd[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
+        width = _dim(sd, f"input_blocks.{first}.0.out_layers.3.weight", 0,
+                     _dim(sd, f"input_blocks.{first}.0.in_layers.2.weight", 0, mc))
+        mult.append(max(1, width // mc))
         depth.append(_count(sd, rf"input_blocks\.{first}\.1\.transformer_blocks\.(\d+)\."))
-    to_k = next(v for k, v in sd.items() if k.endswith("attn2.to_k.weight"))
+    to_k = next((v for k, v in sd.items() if k.endswith("attn2.to_k.weight")), None)
+    proj_in = next((v for k, v in sd.items() if k.endswith(".proj_in.weight")), None)
     heads = tuple(8 for _ in mult) if family != "sdxl" else tuple(max(1, mc * m // 64) for m in mult)
-    return replace(preset, in_channels=conv_in.shape[1], out_channels=sd["out.2.weight"].shape[0], model_channels=mc,
+    return replace(preset, in_channels=_dim(sd, "input_blocks.0.0.weight", 1, preset.in_channels),
+                   out_channels=_dim(sd, "out.2.weight", 0, preset.out_channels), model_channels=mc,
                    channel_mult=tuple(mult), num_res_blocks=num_res_blocks, transformer_depth=tuple(depth),
                    mid_transformer_depth=_count(sd, r"middle_block\.1\.transformer_blocks\.(\d+)\."),
-                   heads=heads, context_dim=to_k.shape[1], linear_proj=sd["middle_block.1.proj_in.weight"].ndim == 2,
-                   adm_in_channels=sd["label_emb.0.0.weight"].shape[1] if "label_emb.0.0.weight" in sd else None,
-                   time_cond_proj_dim=sd["time_cond_proj.weight"].shape[1] if "time_cond_proj.weight" in sd else None)
+                   heads=heads, context_dim=to_k.shape[1] if to_k is not None else preset.context_dim,
+                   linear_proj=proj_in.ndim == 2 if proj_in is not None else preset.linear_proj,
+                   adm_in_channels=_dim(sd, "label_emb.0.0.weight", 1, None),
+                   time_cond_proj_dim=_dim(sd, "time_cond_proj.weight", 1, None))
 
 
 def vae_config_from_weights(sd: StateDict, family: str) -> VAEConfig:
     preset = VAE_SDXL if family == "sdxl" else VAE_SD15
-    ch = sd["encoder.conv_in.weight"].shape[0]
-    levels = _count(sd, r"encoder\.down\.(\d+)\.")
-    return replace(preset, channels=ch, image_channels=sd["encoder.conv_in.weight"].shape[1],
-                   channel_mult=tuple(sd[f"encoder.down.{i}.block.0.conv1.weight"].shape[0] // ch
+    ch = _dim(sd, "encoder.conv_in.weight", 0, _dim(sd, "decoder.conv_out.weight", 1, preset.channels))
+    levels = _count(sd, r"encoder\.down\.(\d+)\.") or len(preset.channel_mult)
+    return replace(preset, channels=ch, image_channels=_dim(sd, "encoder.conv_in.weight", 1, preset.image_channels),
+                   channel_mult=tuple(max(1, _dim(sd, f"encoder.down.{i}.block.0.conv1.weight", 0, ch) // ch)
                                       for i in range(levels)),
-                   num_res_blocks=_count(sd, r"encoder\.down\.0\.block\.(\d+)\."),
-                   latent_channels=sd["post_quant_conv.weight"].shape[0])
+                   num_res_blocks=_count(sd, r"encoder\.down\.0\.block\.(\d+)\.") or preset.num_res_blocks,
+                   latent_channels=_dim(sd, "post_quant_conv.weight", 0, preset.latent_channels))
 
 
 def clip_config_from_weights(sd: StateDict, preset: CLIPConfig = CLIP_L) -> CLIPConfig:
     """CLIP text encoders use 64 channels per head (CLIP-L: 768/12, bigG: 1280/20)."""
-    vocab, width = sd["embeddings.token_embedding.weight"].shape
-    return replace(preset, vocab_size=vocab, width=width, heads=max(1, width // 64),
-                   max_positions=sd["embeddings.position_embedding.weight"].shape[0],
+    width = _dim(sd, "embeddings.token_embedding.weight", 1, _dim(sd, "final_layer_norm.weight", 0, preset.width))
+    return replace(preset, vocab_size=_dim(sd, "embeddings.token_embedding.weight", 0, preset.vocab_size),
+                   width=width, heads=max(1, width // 64),
+                   max_positions=_dim(sd, "embeddings.position_embedding.weight", 0, preset.max_positions),
                    layers=_count(sd, r"encoder\.layers\.(\d+)\."),
-                   mlp_width=sd["encoder.layers.0.mlp.fc1.weight"].shape[0],
-                   projection_dim=sd["text_projection.weight"].shape[0] if "text_projection.weight" in sd else None)
+                   mlp_width=_dim(sd, "encoder.layers.0.mlp.fc1.weight", 0, preset.mlp_width),
+                   projection_dim=_dim(sd, "text_projection.weight", 0, None))
 
 
 # ---------------------------------------------------------------- diffusers names -> single-file names
@@ -309,12 +323,33 @@ class Checkpoint:
     sample_size: int | None = None                # default image side in pixels
     vae_force_upcast: bool = False                # the VAE overflows in float16 (SDXL's does)
     defaults: dict = field(default_factory=dict)  # sampler / num_steps / guidance a preset names (sd/tiny.py)
+    source: str = ""                              # the file or folder, for messages
+
+
+def fits(cfg: UNetConfig, sd: StateDict) -> bool:
+    """Whether `sd` has exactly the tensors, with the shapes, a UNet of `cfg` has."""
+    with torch.device("meta"), no_weight_init():
+        model = UNet(cfg)
+    return {k: tuple(v.shape) for k, v in model.named_parameters()} == {k: tuple(v.shape) for k, v in sd.items()}
+
+
+def replacement_config(base: UNetConfig, sd: StateDict, family: str, source) -> UNetConfig:
+    """A UNet that replaces a model's (unet=, Lightning) takes the model's config, head counts
+    included, whenever its tensors fit it: weights cannot tell head counts. Otherwise the config is
+    read off its weights, heads by the family's rule (SD 1.5: 8 per level, SDXL: 64 channels per
+    head), and a warning says so."""
+    if fits(base, sd):
+        return base
+    warnings.warn(f"{source}: the replacement UNet's tensors do not fit the model's UNet config; its config is "
+                  "read from the weights, with the family's head counts", stacklevel=3)
+    return unet_config_from_weights(sd, family)
 
 
 def detect_family(unet_sd: StateDict) -> str:
     if "label_emb.0.0.weight" in unet_sd:
         return "sdxl"
-    return "sd15_inpaint" if unet_sd["input_blocks.0.0.weight"].shape[1] == 9 else "sd15"
+    conv_in = unet_sd.get("input_blocks.0.0.weight")
+    return "sd15_inpaint" if conv_in is not None and conv_in.ndim == 4 and conv_in.shape[1] == 9 else "sd15"
 
 
 def _check_replacement(unet: StateDict, base_is_sdxl: bool, source):
@@ -359,7 +394,7 @@ def single_file_checkpoint(sd: StateDict, path, unet: StateDict | None = None) -
                       (vae_config_from_weights(vae, family), vae),
                       [(clip_config_from_weights(t, preset), t) for t, preset in zip(texts, presets)],
                       tokenizer_dirs=[None] * len(texts), sample_size=1024 if family == "sdxl" else 512,
-                      vae_force_upcast=family == "sdxl")
+                      vae_force_upcast=family == "sdxl", source=str(path))
 
 
 def read_component(folder: Path, names: tuple[str, ...], device, dtype) -> StateDict:
@@ -433,7 +468,7 @@ def read_diffusers_folder(folder: Path, device="cpu", dtype=None, unet: StateDic
         unet_config = unet_config_from_diffusers(unet_cfg)
     else:
         _check_replacement(unet, sdxl, folder)
-        unet_config = unet_config_from_weights(unet, detect_family(unet))
+        unet_config = replacement_config(unet_config_from_diffusers(unet_cfg), unet, detect_family(unet), folder)
     vae = vae_from_diffusers(read_component(folder / "vae", (DIFFUSERS_WEIGHTS,), device, vae_dtype))
     encoders, tokenizers = [], []
     for name in ("text_encoder", "text_encoder_2") if sdxl else ("text_encoder",):
@@ -448,4 +483,4 @@ def read_diffusers_folder(folder: Path, device="cpu", dtype=None, unet: StateDic
         encoders, tokenizer_dirs=tokenizers,
         schedule=ScheduleConfig.from_diffusers(sched), scheduler_class=sched.get("_class_name"), scheduler=sched,
         sample_size=(unet_cfg.get("sample_size") or 64) * 2 ** (len(vae_cfg["block_out_channels"]) - 1),
-        vae_force_upcast=force_upcast)
+        vae_force_upcast=force_upcast, source=str(folder))
