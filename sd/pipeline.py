@@ -28,8 +28,8 @@ from .schedule import Schedule, make_schedule, train_sigmas
 from .tokenizer import ASSETS, EOS, Tokenizer
 from .unet import UNet, timestep_embedding
 from .vae import AutoencoderKL
-from .weights import (Checkpoint, build, read_diffusers_folder, read_single_file, read_unet_file,
-                      unet_config_from_weights)
+from .weights import (Checkpoint, CheckpointError, build, read_diffusers_folder, read_single_file, read_unet_file,
+                      replacement_config)
 
 
 def default_device() -> str:
@@ -48,12 +48,14 @@ class Latents:
 class Pipeline:
     def __init__(self, checkpoint: Checkpoint, device: str, dtype: torch.dtype):
         self.family, self.device, self.dtype = checkpoint.family, torch.device(device), dtype
-        self.unet = build(UNet, *checkpoint.unet, "UNet", checkpoint.family)
+        source = checkpoint.source or checkpoint.family
+        check_components_fit(checkpoint)
+        self.unet = build(UNet, *checkpoint.unet, "UNet", source)
         # SDXL's published VAE overflows to inf/NaN in float16: it decodes in float32 unless its
         # config says it is safe (force_upcast false, e.g. the fp16-fix VAE).
         self.vae_dtype = torch.float32 if checkpoint.vae_force_upcast and dtype == torch.float16 else dtype
-        self.vae = build(AutoencoderKL, *checkpoint.vae, "VAE", checkpoint.family).to(self.vae_dtype)
-        self.text_encoders = [build(CLIPTextModel, cfg, sd, "text encoder", checkpoint.family)
+        self.vae = build(AutoencoderKL, *checkpoint.vae, "VAE", source).to(self.vae_dtype)
+        self.text_encoders = [build(CLIPTextModel, cfg, sd, "text encoder", source)
                               for cfg, sd in checkpoint.text_encoders]
         # CLIP-L pads with <|endoftext|>; SDXL's OpenCLIP bigG with "!".
         self.tokenizers = [Tokenizer(d or ASSETS, pad_token=EOS if i == 0 else "!")
@@ -88,7 +90,7 @@ class Pipeline:
         otherwise the checkpoint's own defaults."""
         state = read_unet_file(path, self.device, self.dtype)
         other = copy.copy(self)
-        other.unet = build(UNet, unet_config_from_weights(state, self.family), state, "UNet", str(path))
+        other.unet = build(UNet, replacement_config(self.unet.cfg, state, self.family, path), state, "UNet", str(path))
         other.schedule_config, other.defaults = self.checkpoint_schedule, self.checkpoint_defaults
         if other.defaults.sampler == "lcm" and other.distilled != self.distilled:
             other.defaults = model_defaults.for_lcm(other.defaults, other.distilled)
@@ -389,6 +391,24 @@ class Pipeline:
             raise InputError("mask: this is an inpainting model (9-channel UNet); it needs an image and a mask")
         picture = read_image(image, "image") if image is not None else None
         return picture, read_image(mask, "mask") if mask is not None else None
+
+
+def check_components_fit(checkpoint: Checkpoint):
+    """The parts must fit each other, whatever shapes the file gave them: the UNet works on the
+    VAE's latents and attends to the text encoders' width."""
+    unet, vae = checkpoint.unet[0], checkpoint.vae[0]
+    text_width = sum(cfg.width for cfg, _ in checkpoint.text_encoders[-2:]) if checkpoint.family == "sdxl" \
+        else checkpoint.text_encoders[0][0].width
+    problems = []
+    if unet.out_channels != vae.latent_channels:
+        problems.append(f"the UNet predicts {unet.out_channels} channels, the VAE's latents have {vae.latent_channels}")
+    if unet.in_channels not in (vae.latent_channels, 2 * vae.latent_channels + 1):
+        problems.append(f"the UNet takes {unet.in_channels} input channels, not {vae.latent_channels} latent channels "
+                        f"(or {2 * vae.latent_channels + 1} for inpainting)")
+    if unet.context_dim != text_width:
+        problems.append(f"the UNet attends to {unet.context_dim}-wide text, the text encoders give {text_width}")
+    if problems:
+        raise CheckpointError(f"{checkpoint.source or checkpoint.family}: its parts do not fit: " + "; ".join(problems))
 
 
 def _chain(first: Callable | None, then: Callable | None) -> Callable | None:
