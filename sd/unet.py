@@ -12,6 +12,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .interrupt import checkpoint
+
 
 @dataclass(frozen=True)
 class UNetConfig:
@@ -166,6 +168,7 @@ class SpatialTransformer(nn.Module):
         if self.linear:
             h = self.proj_in(h)
         for block in self.transformer_blocks:
+            checkpoint()
             h = block(h, context)
         if self.linear:
             h = self.proj_out(h)
@@ -199,6 +202,7 @@ class Block(nn.Sequential):
 
     def forward(self, x, emb, context, size=None):
         for layer in self:
+            checkpoint()  # a job given up stops here, not a whole step later (sd/interrupt.py)
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):

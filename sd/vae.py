@@ -7,6 +7,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .interrupt import checkpoint
+
 
 @dataclass(frozen=True)
 class VAEConfig:
@@ -104,6 +106,7 @@ class Level(nn.Module):
 
     def forward(self, x):
         for block in self.block:
+            checkpoint()  # a job given up stops here, not after the whole decode (sd/interrupt.py)
             x = block(x)
         for name in ("downsample", "upsample"):
             if hasattr(self, name):
@@ -216,6 +219,7 @@ def run_tiled(fn, x: torch.Tensor, tile: int, scale: float) -> torch.Tensor:
     for top in range(0, x.shape[-2], stride):
         row = []
         for n, left in enumerate(range(0, x.shape[-1], stride)):
+            checkpoint()
             out = fn(x[..., top:top + tile, left:left + tile])
             if above is not None:
                 fade_in(above[n], out, blend, dim=-2)
