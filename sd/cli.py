@@ -1,11 +1,11 @@
 """Command line: `sd generate`, `sd models`, `sd download`, `sd serve`."""
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
+from .pngmeta import png_metadata
 from .samplers import sampler_names
 from .schedule import SCHEDULES
 from .tiny import CHECKPOINT
@@ -32,21 +32,6 @@ class ProgressBar:
         if done == total:
             self.stream.write("\n")
         self.stream.flush()
-
-
-def png_metadata(settings: dict, model: str):
-    """Settings as a JSON text chunk ("sd") and in the one-line "parameters" form other tools read."""
-    from PIL.PngImagePlugin import PngInfo
-    info = PngInfo()
-    info.add_text("sd", json.dumps({**settings, "model": model}))
-    line = (f"{settings['prompt']}\nNegative prompt: {settings['negative_prompt'] or ''}\n"
-            f"Steps: {settings['num_steps']}, Sampler: {settings['sampler']}, Schedule type: {settings['schedule']}, "
-            f"CFG scale: {settings['guidance']}, "
-            f"Seed: {settings['seed']}, Size: {settings['width']}x{settings['height']}, Model: {model}")
-    if "strength" in settings:
-        line += f", Denoising strength: {settings['strength']}"
-    info.add_text("parameters", line)
-    return info
 
 
 def default_model(reg) -> str:
