@@ -70,8 +70,12 @@ def cmd_generate(args) -> int:
     image = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
                           num_steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
                           schedule=args.schedule, image=args.image, mask=args.mask, strength=args.strength,
-                          keep_unmasked=args.keep_unmasked, callback=ProgressBar())
+                          keep_unmasked=args.keep_unmasked, clip_skip=args.clip_skip,
+                          prompt_style="weighted" if args.weighted else None, callback=ProgressBar())
     settings = image.info["sd"]
+    if settings.get("prompt_tokens_dropped"):
+        print(f"warning: the prompt's last {settings['prompt_tokens_dropped']} tokens were dropped (the text encoder "
+              "reads 75); --weighted keeps them, encoding long prompts in chunks of 75", file=sys.stderr)
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out, pnginfo=png_metadata({**settings, **inputs}, model))
@@ -142,6 +146,12 @@ def parser() -> argparse.ArgumentParser:
                    help="default: the model's scheduler, else euler; lcm for LCM-distilled models (few steps)")
     g.add_argument("--schedule", choices=list(SCHEDULES),
                    help="how the steps' noise levels are spread (default: the model's, i.e. the sampler's own)")
+    g.add_argument("--clip-skip", type=int, metavar="N",
+                   help="read the text encoder's output N layers before its last, for the prompt (diffusers' "
+                        "clip_skip; A1111's 'Clip skip 2' is 1)")
+    g.add_argument("--weighted", action="store_true",
+                   help="A1111's prompt syntax: (word) x1.1, [word] /1.1, (word:1.3), \\( for a bracket, BREAK; "
+                        "prompts of any length, in chunks of 75 tokens")
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on CUDA, float32 elsewhere")
