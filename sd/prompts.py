@@ -13,7 +13,9 @@ Two styles, as people write prompts:
 
 clip_skip=N is diffusers' meaning: the hidden state N layers before the one the model usually
 reads (SD 1.5: hidden_states[-(N + 1)] then the final norm; SDXL: hidden_states[-(N + 2)], no
-norm; SDXL's pooled output is never skipped). A1111's "Clip skip" counts from 1: its 2 is N=1.
+norm; SDXL's pooled output is never skipped), and the pipeline applies it to the prompt only, as
+diffusers does. A1111's "Clip skip" counts from 1 (its 2 is N=1) and applies to the negative
+prompt too.
 """
 
 import re
@@ -56,7 +58,8 @@ def parse(prompt: str) -> list[tuple[str, float | None]]:
 
     A closing bracket multiplies everything since its opening one; brackets never closed apply
     at the end (round ones first). A bracket or weight with nothing to close is text. Unlike
-    A1111, BREAK inside brackets still breaks (there it became the word "BREAK", weighted -1.1)."""
+    A1111, BREAK inside brackets still breaks (there it became the word "BREAK", weighted -1.1),
+    and a weight that is no number ("(a:1.2.3)", where A1111 fails) is text."""
     runs: list[list] = []                         # [text, weight]
     opened = {"(": [], "[": []}                   # bracket -> the runs it started at, innermost last
 
@@ -140,14 +143,16 @@ def encode(encoders, tokenizers, sdxl: bool, prompts: list[str], *, style: str =
     if style not in STYLES:
         raise InputError(f"prompt_style: {style!r} is not one of {', '.join(STYLES)}")
     skips = list(clip_skip) if isinstance(clip_skip, (list, tuple)) else [clip_skip] * len(prompts)
-    most = min(enc.cfg.layers for enc in encoders) - (1 if sdxl else 0)
+    if len(skips) != len(prompts):
+        raise InputError(f"clip_skip: one for all prompts or one per prompt ({len(prompts)}), got {len(skips)}")
+    most = min(enc.cfg.layers for enc in encoders) - (1 if sdxl else 0)  # SDXL starts one layer back
     for skip in skips:
         if skip is not None and not 0 <= skip <= most:
             raise InputError(f"clip_skip: must be a whole number from 0 to {most} for this model, got {skip}")
-    if style == "plain":
-        counts = [max(len(tok.encode_ids(p)) for tok in tokenizers) for p in prompts]
-        windowed = [[[(tok.encode_ids(p)[:CHUNK], None)] for p in prompts] for tok in tokenizers]
-        dropped = [max(0, n - CHUNK) for n in counts]
+    if style == "plain":  # one window, weights None: no emphasis at all
+        tokens = [[tok.encode_ids(p) for p in prompts] for tok in tokenizers]
+        windowed = [[[(ids[:CHUNK], None)] for ids in per_prompt] for per_prompt in tokens]
+        dropped = [max(0, max(len(per_prompt[k]) for per_prompt in tokens) - CHUNK) for k in range(len(prompts))]
     else:
         runs = [parse(p) for p in prompts]
         windowed = [[chunk(r, tok) for r in runs] for tok in tokenizers]
@@ -159,9 +164,9 @@ def encode(encoders, tokenizers, sdxl: bool, prompts: list[str], *, style: str =
         ids = torch.tensor([[tok.bos_id, *i, tok.eos_id] + [tok.pad_id] * (CHUNK - len(i)) for i, _ in windows])
         out = enc(ids.to(enc.embeddings.token_embedding.weight.device))
         z = _layer(enc, out, sdxl, [s for s in skips for _ in range(n)])
-        if style == "weighted":
-            w = torch.tensor([[1.0, *(w or [])] + [1.0] * (CHUNK + 1 - len(w or [])) for _, w in windows])
-            z = emphasize(z.float(), w.to(z.device)).to(z.dtype)
+        if style == "weighted":  # start, end and padding tokens weigh 1
+            weights = torch.tensor([[1.0, *(w or [])] + [1.0] * (CHUNK + 1 - len(w or [])) for _, w in windows])
+            z = emphasize(z.float(), weights.to(z.device)).to(z.dtype)
         contexts.append(z.reshape(len(prompts), n * z.shape[1], z.shape[2]))
         pooled = out.pooled.reshape(len(prompts), n, -1)[:, 0]  # SDXL: bigG's, from the first window
     context = torch.cat(contexts, dim=-1) if sdxl else contexts[0]
