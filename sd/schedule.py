@@ -4,7 +4,8 @@ Samplers work in k-diffusion's variance-exploding form, x = x0 + sigma * eps wit
 sigma = sqrt((1 - alphas_cumprod) / alphas_cumprod).
 
 A run's sigmas come from two choices:
-- the *timesteps* of a sampler's diffusers twin (TIMESTEPS: "euler", "dpm", "ddim", "lcm"):
+- the *timesteps* of a sampler's diffusers twin (TIMESTEPS: "euler", "kdpm2", "dpm", "deis",
+  "ddim", "ddpm", "lcm"):
   how that family of schedulers spaces its steps (Lin et al. 2023, Table 2, names the
   spacings), which timestep it tells the UNet for each sigma, and where it starts;
 - the *schedule* (SCHEDULES): "default" keeps the twin's own sigmas; the others respace them
@@ -12,6 +13,7 @@ A run's sigmas come from two choices:
   "ddim_uniform" as ComfyUI; "align_your_steps", NVIDIA's published lists).
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, fields
 
@@ -135,7 +137,8 @@ SCHEDULES: dict[str, Callable[[int, SigmaRange], np.ndarray] | None] = {"default
 
 
 def schedule(name: str):
-    """Register `fn(n, SigmaRange) -> n descending sigmas` as a schedule (the run then ends at 0)."""
+    """Register `fn(n, SigmaRange) -> n descending sigmas` as a schedule (ComfyUI's ddim_uniform can
+    give one more). The run then ends at 0, or at the span's sigma_min for DEIS."""
     def add(fn):
         SCHEDULES[name] = fn
         return fn
@@ -150,17 +153,135 @@ def karras_sigmas(n: int, r: SigmaRange, rho: float = 7.0) -> np.ndarray:
     return (high ** (1 / rho) + ramp * (low ** (1 / rho) - high ** (1 / rho))) ** rho
 
 
+@schedule("exponential")
+def exponential_sigmas(n: int, r: SigmaRange) -> np.ndarray:
+    """Steps evenly spaced in log(sigma) (k-diffusion's get_sigmas_exponential; diffusers' flag)."""
+    return np.exp(np.linspace(math.log(r.high), math.log(r.low), n))
+
+
+@schedule("beta")
+def beta_sigmas(n: int, r: SigmaRange, a: float = 0.6, b: float = 0.6) -> np.ndarray:
+    """Lee et al. 2024, "Beta Sampling is All You Need": sigma_min + (sigma_max - sigma_min) times the
+    Beta(0.6, 0.6) quantiles of evenly spaced levels, so steps crowd at both ends (diffusers' flag)."""
+    low, high = float(r.low), float(r.high)
+    return np.array([low + beta_quantile(p, a, b) * (high - low) for p in 1 - np.linspace(0, 1, n)])
+
+
+@schedule("sgm_uniform")
+def sgm_uniform_sigmas(n: int, r: SigmaRange) -> np.ndarray:
+    """Evenly spaced timesteps from the last training step to the first, the final one left out, as
+    Stability's sgm code spaces them (ComfyUI's sgm_uniform); sigmas by log-linear interpolation."""
+    t = torch.linspace(len(r.table) - 1, 0, n + 1)[:-1].double().numpy()
+    return t_to_sigma(t, r.table)
+
+
+@schedule("simple")
+def simple_sigmas(n: int, r: SigmaRange) -> np.ndarray:
+    """Every (T / n)-th training sigma from the top, T / n fractional and truncated (ComfyUI's simple)."""
+    stride = len(r.table) / n
+    return np.array([r.table[-(1 + int(k * stride))] for k in range(n)], dtype=np.float64)
+
+
+@schedule("ddim_uniform")
+def ddim_uniform_sigmas(n: int, r: SigmaRange) -> np.ndarray:
+    """The training sigmas at t = 1, 1 + T//n, 1 + 2 T//n, ... below T, noisiest first (ComfyUI's
+    ddim_uniform). As there, that is one step more than n when T//n fits n + 1 times (n = 6, 7, ...)."""
+    return r.table[1::max(len(r.table) // n, 1)][::-1].astype(np.float64)
+
+
+# NVIDIA's published 10-step sigmas (Sabour et al. 2024, "Align Your Steps"; the last one is where
+# the run ends, 0 in practice), for SD 1.5 and SDXL.
+ALIGN_YOUR_STEPS = {
+    "sd15": [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092, 0.9642583904,
+             0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582],
+    "sdxl": [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141, 0.5550693289,
+             0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582],
+}
+
+
+@schedule("align_your_steps")
+def align_your_steps_sigmas(n: int, r: SigmaRange) -> np.ndarray:
+    """Align Your Steps (Sabour et al. 2024): NVIDIA's optimised 10-step list for the model, for
+    other step counts log-linearly interpolated to n + 1 levels (their recipe, as ComfyUI's node)."""
+    levels = np.array(ALIGN_YOUR_STEPS[r.model])
+    if n + 1 != len(levels):
+        where = np.linspace(0, 1, n + 1)
+        levels = np.exp(np.interp(where, np.linspace(0, 1, len(levels)), np.log(levels[::-1])))[::-1]
+    return levels[:-1]
+
+
+def t_to_sigma(t: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """Sigma at fractional timesteps, interpolating log-sigma between the training steps."""
+    low = np.floor(t).astype(np.int64)
+    high = np.ceil(t).astype(np.int64)
+    log_table = np.log(table.astype(np.float64))
+    return np.exp((1 - (t - low)) * log_table[low] + (t - low) * log_table[high])
+
+
+def beta_quantile(p: float, a: float, b: float) -> float:
+    """The inverse of the regularized incomplete beta function I_x(a, b) (the Beta(a, b) quantile),
+    to float64 precision: Newton's method kept inside a bisection bracket, on the tail p <= 1/2
+    (the other by symmetry) from the tail's leading term x^a / (a B(a, b))."""
+    if p <= 0 or p >= 1:
+        return float(p > 0)
+    if p > 0.5:
+        return 1 - beta_quantile(1 - p, b, a)
+    log_beta = math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+    lo, hi = 0.0, 1.0
+    x = min(0.5, math.exp((math.log(p * a) + log_beta) / a))
+    for _ in range(300):
+        f = incomplete_beta(x, a, b) - p
+        if f == 0:
+            break
+        lo, hi = (x, hi) if f < 0 else (lo, x)
+        density = math.exp((a - 1) * math.log(x) + (b - 1) * math.log1p(-x) - log_beta)
+        x_next = x - f / density
+        if not lo < x_next < hi:
+            x_next = (lo + hi) / 2
+        if abs(x_next - x) <= 1e-16 * x:
+            return x_next
+        x = x_next
+    return x
+
+
+def incomplete_beta(x: float, a: float, b: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz),
+    on the side of x where it converges fast (Press et al., Numerical Recipes, section 6.4)."""
+    if x <= 0 or x >= 1:
+        return float(x >= 1)
+    if x > (a + 1) / (a + b + 2):
+        return 1 - incomplete_beta(1 - x, b, a)
+    front = math.exp(a * math.log(x) + b * math.log1p(-x) - (math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b))) / a
+    tiny = 1e-300
+    c, d = 1.0, 1 - (a + b) * x / (a + 1)
+    d = 1 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1 + numerator * d
+            d = 1 / (d if abs(d) > tiny else tiny)
+            c = 1 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1) < 1e-16:
+            break
+    return front * f
+
+
 # ---------------------------------------------------------------- timesteps: each twin family's own
 
 
 @dataclass(frozen=True)
 class Timesteps:
-    """One family of diffusers schedulers: its own schedule, the span its flags convert, and how
-    it tells the UNet the timestep of a sigma it did not start from (None: fractional)."""
+    """One family of diffusers schedulers: its own schedule, the span its flags convert, how it
+    tells the UNet the timestep of a sigma it did not start from (None: fractional), and whether
+    a respaced run ends at the span's sigma_min rather than at 0."""
     default: Callable[[ScheduleConfig, int], Schedule]
     span: Callable[[ScheduleConfig, int, np.ndarray], tuple[float, float]]
     timestep_rule: Callable[[np.ndarray, str], np.ndarray] | None
     variance_preserving: bool
+    ends_at_sigma_min: bool = False
 
 
 def ddim_schedule(cfg: ScheduleConfig, n: int) -> Schedule:
@@ -221,6 +342,28 @@ def dpm_timestep_rule(t: np.ndarray, schedule: str) -> np.ndarray:
     return t.round() if schedule == "karras" else np.trunc(t)
 
 
+def kdpm2_timestep_rule(t: np.ndarray, schedule: str) -> np.ndarray:
+    """KDPM2 rounds Karras sigmas' timesteps and keeps the other flags' fractional."""
+    return t.round() if schedule == "karras" else t
+
+
+def deis_schedule(cfg: ScheduleConfig, n: int) -> Schedule:
+    """DEISMultistepScheduler's: DPM-Solver's timesteps, but the run ends at sigma(t=0), not 0 (DEIS
+    has no final_sigmas_type; with a flag it ends on the respaced sigma_min, the same level)."""
+    table = train_sigmas(cfg)
+    t = dpm_timesteps(cfg, n)
+    sigmas = np.interp(t, np.arange(len(table)), table)
+    return _schedule(t, sigmas, table[0], (1 + float(np.float32(sigmas[0])) ** 2) ** 0.5, vp=True)
+
+
+def ddpm_schedule(cfg: ScheduleConfig, n: int) -> Schedule:
+    """DDPMScheduler's: DDIM's timesteps, each step landing on the next one (diffusers' previous_timestep
+    once set_timesteps ran), the last on x0."""
+    table = train_sigmas(cfg)
+    t = spaced_timesteps(cfg, n, integer=True).astype(np.int64)
+    return _schedule(t, table[t], 0.0, (1 + table[t[0]] ** 2) ** 0.5, vp=True)
+
+
 def lcm_schedule(cfg: ScheduleConfig, n: int) -> Schedule:
     """LCMScheduler's timesteps (Luo et al. 2023): the distillation schedule has
     `original_inference_steps` evenly spaced timesteps ending at T//k - 1; n of them are
@@ -249,9 +392,13 @@ def _table_span(cfg, n, table):
 
 
 TIMESTEPS: dict[str, Timesteps] = {
-    "euler": Timesteps(euler_schedule, _euler_span, None, variance_preserving=False),
-    "dpm": Timesteps(dpm_schedule, _table_span, dpm_timestep_rule, variance_preserving=True),
-    "ddim": Timesteps(ddim_schedule, _table_span, None, variance_preserving=True),
+    "euler": Timesteps(euler_schedule, _euler_span, None, variance_preserving=False),  # Euler, Heun, LMS
+    "kdpm2": Timesteps(euler_schedule, _euler_span, kdpm2_timestep_rule, variance_preserving=False),
+    "dpm": Timesteps(dpm_schedule, _table_span, dpm_timestep_rule, variance_preserving=True),  # DPM-Solver, UniPC
+    "deis": Timesteps(deis_schedule, _table_span, dpm_timestep_rule, variance_preserving=True,
+                      ends_at_sigma_min=True),
+    "ddim": Timesteps(ddim_schedule, _table_span, None, variance_preserving=True),  # DDIM, PNDM
+    "ddpm": Timesteps(ddpm_schedule, _table_span, None, variance_preserving=True),
     "lcm": Timesteps(lcm_schedule, _table_span, None, variance_preserving=True),
 }
 
@@ -292,8 +439,9 @@ def make_schedule(sampler: str, cfg: ScheduleConfig, n: int, schedule: str = "de
     if schedule == "default":
         return family.default(cfg, n)
     table = train_sigmas(cfg)
-    spread = SCHEDULES[schedule](n, SigmaRange(table, *family.span(cfg, n, table), model))
-    return on_sigmas(family, cfg, np.concatenate([spread, [0.0]]), schedule)
+    span = SigmaRange(table, *family.span(cfg, n, table), model)
+    spread = SCHEDULES[schedule](n, span)
+    return on_sigmas(family, cfg, np.concatenate([spread, [span.low if family.ends_at_sigma_min else 0.0]]), schedule)
 
 
 def check_sigmas(sigmas) -> np.ndarray:

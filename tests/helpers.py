@@ -5,18 +5,41 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
-from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, LCMScheduler,
-                       EulerDiscreteScheduler, PNDMScheduler)
+from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
+                       KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
+                       PNDMScheduler, UniPCMultistepScheduler)
 
 from sd.schedule import ScheduleConfig
 
-# sd's sampler name -> the diffusers scheduler class the whole-pipeline tests swap in with from_config.
-SAMPLERS = {
-    "ddim": DDIMScheduler,
-    "euler": EulerDiscreteScheduler,
-    "euler_a": EulerAncestralDiscreteScheduler,
-    "dpmpp_2m": DPMSolverMultistepScheduler,
+# sd's sampler name -> its diffusers twin: the scheduler class and the settings that pick the sampler
+# among that class's algorithms (a test checks sd's registry names the same).
+TWINS = {
+    "ddim": (DDIMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler_a": (EulerAncestralDiscreteScheduler, {}),
+    "heun": (HeunDiscreteScheduler, {}),
+    "dpm_2": (KDPM2DiscreteScheduler, {}),
+    "dpm_2_ancestral": (KDPM2AncestralDiscreteScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+    "ddpm": (DDPMScheduler, {}),
+    "dpmpp_2m": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++"}),
+    "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "deis": (DEISMultistepScheduler, {}),
+    "plms": (PNDMScheduler, {}),
+    "lcm": (LCMScheduler, {}),
 }
+
+# The samplers test_pipeline.py and test_sdxl.py sweep, by the diffusers class they swap in with from_config
+# (every other twin's images: test_sampler_images.py).
+SAMPLERS = {name: TWINS[name][0] for name in ("ddim", "euler", "euler_a", "dpmpp_2m")}
+
+
+def twin_from_config(sampler: str, config, **settings):
+    """`sampler`'s diffusers twin built from a pipeline's scheduler config, as a user swaps schedulers."""
+    cls, picks = TWINS[sampler]
+    return cls.from_config(config, **picks, **settings)
 
 NORM_TYPES = (nn.LayerNorm, nn.GroupNorm, nn.BatchNorm2d)
 
@@ -111,10 +134,11 @@ def assert_same_norms(ours: nn.Module, ref: nn.Module, converted: dict) -> int:
 
 # ---------------------------------------------------------------- schedulers
 
-def diffusers_scheduler(sampler: str, cfg: ScheduleConfig, schedule: str = "default"):
+def diffusers_scheduler(sampler: str, cfg: ScheduleConfig, schedule: str = "default", **options):
     """The diffusers scheduler `sampler` stands for on `schedule` ("default", or one of the
     use_*_sigmas flags' schedules), every setting explicit (DESIGN.md pitfall: schedulers built
-    in memory remember which settings were defaults)."""
+    in memory remember which settings were defaults). `options`: the sd sampler's own options that
+    are scheduler settings in diffusers (solver_type, order)."""
     if sampler == "dpmpp_2m_karras":
         sampler, schedule = "dpmpp_2m", "karras"
     flags = {f"use_{name}_sigmas": schedule == name for name in ("karras", "exponential", "beta")}
@@ -138,12 +162,25 @@ def diffusers_scheduler(sampler: str, cfg: ScheduleConfig, schedule: str = "defa
                                       final_sigmas_type="zero")
     if sampler == "euler_a":
         return EulerAncestralDiscreteScheduler(**common)
-    if sampler == "dpmpp_2m":
+    if sampler in ("heun", "dpm_2", "dpm_2_ancestral", "lms"):
+        return TWINS[sampler][0](**{k: v for k, v in common.items() if k != "rescale_betas_zero_snr"}, **flags)
+    if sampler == "ddpm":
+        return DDPMScheduler(**common, variance_type="fixed_small", clip_sample=False, thresholding=False)
+    if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
         return DPMSolverMultistepScheduler(
-            **common, algorithm_type="dpmsolver++", solver_order=2, solver_type="midpoint",
+            **common, **TWINS[sampler][1], solver_order=2, solver_type=options.get("solver_type", "midpoint"),
             lower_order_final=True, euler_at_final=False, final_sigmas_type="zero",
             **flags,
             thresholding=False)
+    if sampler == "unipc":
+        return UniPCMultistepScheduler(
+            **common, solver_order=options.get("order", 2), solver_type=options.get("solver_type", "bh2"),
+            predict_x0=True, lower_order_final=True, disable_corrector=[], final_sigmas_type="zero",
+            thresholding=False, **flags)
+    if sampler == "deis":
+        return DEISMultistepScheduler(
+            **{k: v for k, v in common.items() if k != "rescale_betas_zero_snr"}, solver_order=options.get("order", 2),
+            algorithm_type="deis", solver_type="logrho", lower_order_final=True, thresholding=False, **flags)
     if sampler == "plms":  # SD 1.5's own scheduler, in the PLMS form SD's config selects
         return PNDMScheduler(
             num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start, beta_end=cfg.beta_end,

@@ -59,6 +59,9 @@ class FakeUNet:
 
     def __call__(self, x_in: torch.Tensor, t) -> torch.Tensor:
         assert x_in.dtype == torch.float32 and x_in.shape == SHAPE
+        if torch.is_tensor(t) and t.ndim:  # one per image, as k-diffusion's samplers ask: all the same here
+            assert torch.all(t == t[0]), t
+            t = t[0]
         t = float(t)
         self.timesteps.append(t)
         a = float(np.sin(t / 100.0))
