@@ -114,7 +114,7 @@ def resolve(name: str) -> tuple[SamplerSpec, str | None]:
 def twin_of(scheduler_class: str | None, config: dict) -> str | None:
     """The sampler whose diffusers twin a folder's scheduler_config.json names, if any: the class,
     and where several samplers share it, the settings that pick one (the first is the default)."""
-    matches = [s for s in SAMPLERS.values() if s.twin == scheduler_class]
+    matches = [s for s in SAMPLERS.values() if scheduler_class is not None and s.twin == scheduler_class]
     for spec in matches:
         if all(config.get(k, v) == v for k, v in spec.twin_config.items()):
             return spec.name
