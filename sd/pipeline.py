@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import defaults as model_defaults
+from . import lora
 from . import prompts
 from .clip import CLIPTextModel
 from .defaults import Defaults
@@ -105,6 +106,24 @@ class Pipeline:
         other.schedule_config = replace(self.schedule_config, timestep_spacing="trailing", prediction_type=prediction)
         other.defaults = model_defaults.for_lightning(self.defaults, steps)
         return other
+
+    def load_lora(self, source: "str | Path | dict", scale: float = 1.0) -> "Pipeline":
+        """Merge a LoRA into this pipeline's UNet and text encoders, in place (sd/lora.py): a kohya-ss
+        or diffusers / PEFT .safetensors file (or its tensors as a dict), its changes times `scale`.
+        LoRAs stack; each changed weight is recomputed from the weight as loaded, in float32, cast
+        once, so nothing is paid per step. Every tensor must find its layer, or nothing is merged and
+        a LoraError (an InputError) lists those that did not. The LoRA is merged into the modules, so
+        pipelines sharing them have it too: all those made by with_defaults and lightning, and the
+        text encoders of those made by with_unet. With compile=True, pass LoRAs to load(loras=...):
+        compiling with frozen weights folds them into the code at the first image."""
+        lora.apply(self.unet, self.text_encoders, source, scale, self.family)
+        return self
+
+    def unload_loras(self) -> "Pipeline":
+        """Put back the weights as loaded, the very tensors (bit for bit), in this pipeline's UNet
+        and text encoders: every LoRA merged into them goes, whichever pipeline merged it."""
+        lora.unload([self.unet, *self.text_encoders])
+        return self
 
     # ------------------------------------------------------------ conditioning
 
@@ -438,7 +457,7 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
 
 def load(source: str | Path, *, unet: str | Path | None = None, device: str | None = None,
          dtype: torch.dtype | str | None = None, lightning_steps: int | None = None,
-         compile: bool = False) -> Pipeline:
+         compile: bool = False, loras: list | None = None) -> Pipeline:
     """A Pipeline from a single-file checkpoint (.safetensors, official key names), a
     diffusers-layout folder (has model_index.json), or a Workers AI model id (`@cf/...`, read
     from $SD_WEIGHTS_DIR as laid out by `sd download`, with that model's defaults). Weights are
@@ -448,7 +467,9 @@ def load(source: str | Path, *, unet: str | Path | None = None, device: str | No
     `unet`: a UNet-only file (either naming) that replaces the source's UNet, as SDXL-Lightning
     ships. `lightning_steps`: the step count a Lightning UNet was distilled for; read from the
     file name (`..._4step_...`) when not given. `compile`: run the UNet and the VAE decoder
-    through torch.compile (the first generate at each size pays for compiling)."""
+    through torch.compile (the first generate at each size pays for compiling). `loras`: LoRA
+    files merged once the model is built, each a path or a (path, scale) pair (Pipeline.load_lora)."""
+    lora_files = lora.lora_entries(loras)  # checked before any weights are read
     device = device or default_device()
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -461,7 +482,10 @@ def load(source: str | Path, *, unet: str | Path | None = None, device: str | No
             raise InputError("source: a Workers AI model id brings its own UNet and settings; "
                              "unet= and lightning_steps= apply to files and folders")
         from .registry import load_model
-        return load_model(str(source), device=device, dtype=dtype, compile=compile)
+        pipe = load_model(str(source), device=device, dtype=dtype, compile=compile)
+        for path, scale in lora_files:
+            pipe.load_lora(path, scale)
+        return pipe
     if lightning_steps is not None and (not isinstance(lightning_steps, int) or lightning_steps < 1):
         raise InputError(f"lightning_steps: must be a whole number of at least 1, got {lightning_steps!r}")
     unet_sd = read_unet_file(unet, device, dtype) if unet is not None else None
@@ -478,6 +502,8 @@ def load(source: str | Path, *, unet: str | Path | None = None, device: str | No
                                 "https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5, "
                                 "into weights/ (see weights/README.md)")
     pipe = Pipeline(checkpoint, device, dtype)
+    for path, scale in lora_files:
+        pipe.load_lora(path, scale)
     steps = lightning_steps if lightning_steps is not None else lightning_steps_from_name(unet or source)
     if steps:
         pipe = pipe.lightning(steps)
