@@ -12,7 +12,7 @@ from .tiny import CHECKPOINT
 
 
 def registry(args):
-    from .models import Registry, default_weights_dir, parse_overrides
+    from .registry import Registry, default_weights_dir, parse_overrides
     return Registry(Path(args.weights_dir) if args.weights_dir else default_weights_dir(),
                     parse_overrides(getattr(args, "model_overrides", None) or []))
 
@@ -37,7 +37,7 @@ class ProgressBar:
 def default_model(reg) -> str:
     """SD 1.5 when its weights are here, else any registry model that is, else the tiny model
     shipped in the package, so a fresh install makes a picture offline."""
-    from .models import DEFAULT_MODEL, REGISTRY
+    from .registry import DEFAULT_MODEL, REGISTRY
     for model_id in (DEFAULT_MODEL, *REGISTRY):
         if not reg.missing(model_id):
             return model_id
@@ -54,7 +54,7 @@ def cmd_generate(args) -> int:
     for name, path in inputs.items():  # before loading the model, which takes a while
         if not Path(path).exists():
             raise ValueError(f"{name}: no such file: {path}")
-    from .models import load_model
+    from .registry import load_model
     model = args.model or default_model(registry(args))
     if model == "tiny":
         model = str(CHECKPOINT)
@@ -96,7 +96,7 @@ def cmd_models(args) -> int:
 
 
 def cmd_download(args) -> int:
-    from .models import REGISTRY, download
+    from .registry import REGISTRY, download
     ids = list(REGISTRY) if args.all else args.ids
     if not ids:
         raise ValueError(f"ids: name at least one model (or --all): {', '.join(REGISTRY)}")
@@ -173,7 +173,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:  # the server parses its own options
-        from .server import main as serve
+        from .serve.cli import main as serve
         return serve(argv[1:])
     args = parser().parse_args(argv)
     try:

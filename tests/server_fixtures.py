@@ -10,11 +10,13 @@ UNet's lowest level.
 """
 
 import io
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,7 +40,6 @@ LCM = "@cf/lykon/dreamshaper-8-lcm"
 IMG2IMG = "@cf/runwayml/stable-diffusion-v1-5-img2img"
 INPAINT = "@cf/runwayml/stable-diffusion-v1-5-inpainting"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-BUSY_TIMEOUT = 4  # --timeout of the busy server, seconds
 
 VAE = VAEConfig(channels=32, channel_mult=(1, 1, 1, 1), num_res_blocks=1)
 TEXT = CLIPConfig(width=64, layers=2, heads=1, mlp_width=37)
@@ -109,7 +110,7 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """`python -m sd.server ARGS` on a free loopback port, its stderr in a file."""
+    """`python -m sd.serve ARGS` on a free loopback port, its stderr in a file."""
 
     def __init__(self, args: list[str], log_path: Path, token: str | None = None):
         self.port, self.token, self.log_path = free_port(), token, log_path
@@ -118,7 +119,7 @@ class ServerProcess:
                "OMP_NUM_THREADS": "1"}
         env.pop("SD_API_TOKEN", None)
         self.log_file = open(log_path, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "sd.server", "--port", str(self.port), "--device", "cpu",
+        self.proc = subprocess.Popen([sys.executable, "-m", "sd.serve", "--port", str(self.port), "--device", "cpu",
                                       *args], cwd=REPO, env=env, stdout=self.log_file, stderr=subprocess.STDOUT)
 
     @property
@@ -135,8 +136,8 @@ class ServerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=1).status_code == 200:
+            try:  # 503: serving, but a model can't load (the busy server's missing one)
+                if httpx.get(self.url + "/healthz", timeout=1).status_code in (200, 503):
                     return self
             except httpx.TransportError:
                 pass
@@ -179,10 +180,9 @@ def _servers(tiny_models, tmp_path_factory):
                           "--model", f"{IMG2IMG}={m['sd15']}", "--model", f"{LCM}={m['sd15']}",
                           "--model", f"{INPAINT}={m['inpaint']}", "--model", f"{SDXL}={m['sdxl']}",
                           "--model", f"{LIGHTNING}={m['sdxl']}"], logs / "main.log", token=TOKEN)
-    # No token; one request at a time plus one waiting; models that can't load.
-    busy = ServerProcess(["--weights-dir", str(empty), "--queue-size", "1", "--timeout", str(BUSY_TIMEOUT),
-                          "--model", f"{IMG2IMG}={m['sd15']}", "--model", f"{LCM}={m['missing']}",
-                          "--model", f"{SDXL}={m['corrupt']}", "--model", f"{INPAINT}={m['no_index']}"],
+    # No token; one request at a time plus one waiting; a --model source that isn't there (yet).
+    busy = ServerProcess(["--weights-dir", str(empty), "--queue-size", "1",
+                          "--model", f"{IMG2IMG}={m['sd15']}", "--model", f"{LCM}={m['missing']}"],
                          logs / "busy.log")
     return main, busy
 
@@ -207,6 +207,138 @@ def server(servers) -> ServerProcess:
 
 @pytest.fixture(scope="session")
 def busy_server(servers) -> ServerProcess:
-    """No token; --queue-size 1; the img2img model only; the lcm id points at a missing file, SDXL at a
-    corrupt one, inpainting at a folder without model_index.json, Lightning at an empty weights dir."""
+    """No token; --queue-size 1; the img2img model only; the lcm id points at a missing file, the
+    others at an empty weights dir."""
     return servers[1]
+
+
+# ---------------------------------------------------------------- in-process servers
+
+
+class LogWatch(logging.Handler):
+    """The `sd.serve` log lines, with a wait for one that contains a text."""
+
+    def __init__(self):
+        super().__init__()
+        self.lines, self.changed = [], threading.Condition()
+        logging.getLogger("sd.serve").addHandler(self)
+        logging.getLogger("sd.serve").setLevel(logging.INFO)
+
+    def emit(self, record):
+        with self.changed:
+            self.lines.append(self.format(record))
+            self.changed.notify_all()
+
+    def wait_for(self, text: str, seconds: float = 60) -> str:
+        """The first line containing `text`, once written (`seconds` only guards against a hang)."""
+        with self.changed:
+            found = self.changed.wait_for(lambda: next((line for line in self.lines if text in line), None), seconds)
+        assert found, f"no log line with {text!r} after {seconds} s:\n" + "\n".join(self.lines[-20:])
+        return found
+
+    def detach(self):  # not close(): logging.config (uvicorn's) closes every handler it finds
+        logging.getLogger("sd.serve").removeHandler(self)
+
+
+def wait_until(condition, what: str, seconds: float = 60):
+    """Poll a state until it holds; `seconds` only guards against a hang, it is no expectation of speed."""
+    deadline = time.monotonic() + seconds
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"still not {what} after {seconds} s"
+        time.sleep(0.01)
+    return value
+
+
+class InProcessServer:
+    """The app under uvicorn, inside the connection guard as `sd serve` runs it, in a thread of
+    the test process, around a given cache: for tests that control the worker's pipelines, the
+    limits and the clock, or read the log as it is written."""
+
+    def __init__(self, cache, *, timeout=None, queue_size=32, read_timeout=30.0, max_connections=128,
+                 api_token=None, measure=lambda pipe: 0.0):
+        import uvicorn
+
+        from sd.serve.app import Service, create_app
+        from sd.serve.cli import uvicorn_config
+        from sd.serve.connections import ConnectionGuard
+        from sd.serve.speed import Speeds
+        from sd.serve.worker import Worker
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        speeds = Speeds(timeout, "cpu")
+        guard = ConnectionGuard(read_timeout, max_connections)
+        self.service = Service(cache, Worker(cache, speeds, queue_size, measure), speeds, api_token=api_token,
+                               timeout=timeout, read_timeout=read_timeout, guard=guard)
+        config = uvicorn_config(create_app(self.service), guard, "127.0.0.1", self.port)
+        config.log_level = "warning"
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), "started")
+        assert self.server.started, "the in-process server did not start"
+
+    def health(self) -> dict:
+        return httpx.get(self.url + "/healthz", timeout=30).json()
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+class FakePipeline:
+    """What the worker needs of a Pipeline. `generate` works like a UNet that cannot finish on its
+    own: it passes checkpoints (sd/interrupt.py) until the test sets `release`, so a test decides
+    when a job ends, and sees when one is stopped (`stopped`)."""
+
+    def __init__(self, defaults):
+        self.defaults = defaults
+        self.started, self.stopped, self.release = threading.Event(), threading.Event(), threading.Event()
+        self.prompts: list[str] = []
+        self.calls: list[dict] = []          # the keyword arguments of each call, but the callback
+        self.fail: Exception | None = None   # raised by the next call, as from deep inside a real one
+
+    def generate(self, prompt, *, callback=None, seed=None, width=None, height=None, **settings):
+        from sd.interrupt import Interrupted, checkpoint
+        self.prompts.append(prompt)
+        self.calls.append({k: v for k, v in dict(seed=seed, width=width, height=height, **settings).items()
+                           if v is not None})
+        self.started.set()
+        if self.fail is not None:
+            raise self.fail
+        try:
+            while not self.release.wait(0.005):  # one "UNet block" per pass
+                checkpoint()
+        except Interrupted:
+            self.stopped.set()
+            raise
+        image = Image.new("RGB", (8, 8), "red")
+        image.info["sd"] = dict(prompt=prompt, negative_prompt=None, width=width or self.defaults.width,
+                                height=height or self.defaults.height, num_steps=self.defaults.num_steps,
+                                guidance=self.defaults.guidance, seed=12345 if seed is None else seed,
+                                sampler="euler", schedule="default")
+        return image
+
+
+def fake_cache(folder: Path, release: bool = True):
+    """A ModelCache whose every model is a FakePipeline (one per model), behind sources that pass
+    the startup checks (a safetensors file holding one UNet tensor)."""
+    from sd.registry import REGISTRY, Registry
+    from sd.serve.cache import ModelCache
+    stub = folder / "stub.safetensors"
+    save_file({"conv_in.weight": torch.zeros(1)}, str(stub))
+
+    class FakeCache(ModelCache):
+        def __init__(self):
+            super().__init__(Registry(folder, {m: stub for m in REGISTRY}), device="cpu", max_bytes=2 ** 40)
+            self.fakes = {}
+
+        def _load(self, spec):
+            pipe = self.fakes[spec.id] = FakePipeline(self.defaults(spec.id))
+            if release:
+                pipe.release.set()
+            return pipe
+
+        def used_bytes(self):
+            return 0
+
+    return FakeCache()

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from PIL import Image
 
-from sd.models import REGISTRY
-from sd.api import CODES
+from sd.registry import REGISTRY
+from sd.serve.workers_ai import code_of
 
 pytest.register_assert_rewrite("server_fixtures")  # before the import below, which the plugin line then reuses
 from server_fixtures import IMG2IMG, LCM, PNG_SIGNATURE, SDXL, TOKEN, picture  # noqa: E402
@@ -84,9 +84,9 @@ def test_bad_input_raises_bad_request_with_the_envelope(server):
     e = info.value
     assert e.status_code == 400
     assert e.body == {"success": False, "messages": [], "result": None,
-                      "errors": [{"code": CODES[400], "message": "width: must be an integer in [256, 2048], got 4000"},
-                                 {"code": CODES[400], "message": "num_steps: must be an integer in [1, 20], got 50"}]}
-    assert [err.code for err in e.errors] == [CODES[400]] * 2
+                      "errors": [{"code": code_of(400), "message": "width: must be an integer in [256, 2048], got 4000"},
+                                 {"code": code_of(400), "message": "num_steps: must be an integer in [1, 20], got 50"}]}
+    assert [err.code for err in e.errors] == [code_of(400)] * 2
     with pytest.raises(cloudflare.BadRequestError, match="prompt: must be a string of at least 1 character"):
         cf.ai.run(IMG2IMG, account_id="acc", prompt="")
 
@@ -94,10 +94,10 @@ def test_bad_input_raises_bad_request_with_the_envelope(server):
 def test_auth_and_not_found_errors(server):
     with pytest.raises(cloudflare.AuthenticationError) as info:
         client_for(server, token="wrong").ai.run(IMG2IMG, account_id="acc", prompt="a cat")
-    assert info.value.body["errors"][0] == {"code": CODES[401], "message": "authorization: wrong API token"}
+    assert info.value.body["errors"][0] == {"code": code_of(401), "message": "authorization: wrong API token"}
     with pytest.raises(cloudflare.NotFoundError) as info:
         client_for(server).ai.run("@cf/meta/llama-3-8b-instruct", account_id="acc", prompt="hi")
-    assert info.value.body["errors"][0]["code"] == CODES[404]
+    assert info.value.body["errors"][0]["code"] == code_of(404)
 
 
 def test_missing_weights_are_a_server_error(busy_server):
@@ -109,7 +109,9 @@ def test_missing_weights_are_a_server_error(busy_server):
 def test_models_list(server):
     models = list(client_for(server).ai.models.list(account_id="acc"))
     assert [m["name"] for m in models] == list(REGISTRY)
-    assert all(m["task"] == "Text-to-Image" for m in models)
+    assert all(m["task"]["name"] == "Text-to-Image" and m["present"] for m in models)
+    assert [m["name"] for m in client_for(server).ai.models.list(account_id="acc", search="lightning")] == [
+        "@cf/bytedance/stable-diffusion-xl-lightning"]
 
 
 # ---------------------------------------------------------------- the npm package
@@ -145,6 +147,6 @@ def test_npm_cloudflare_client(server):
     assert direct.content == png  # same seed, same bytes, whichever client
     bad = report["badRequest"]
     assert bad["status"] == 400 and bad["name"] == "BadRequestError"
-    assert bad["errors"] == [{"code": CODES[400], "message": "width: must be an integer in [256, 2048], got 4000"}]
+    assert bad["errors"] == [{"code": code_of(400), "message": "width: must be an integer in [256, 2048], got 4000"}]
     assert report["authentication"] == {"status": 401, "name": "AuthenticationError"}
     assert report["models"] == list(REGISTRY)

@@ -1,6 +1,6 @@
-"""The Workers AI model registry (sd/models.py): layout, defaults, overrides, shared components,
-the memory-bounded cache, and `sd.load("@cf/...")`, on tiny random-weight files put where the
-registry expects the official ones."""
+"""The Workers AI model registry (sd/registry.py): layout, defaults, overrides, `sd.load("@cf/...")`;
+and the server's memory-bounded model cache (sd/serve/cache.py) with its shared components, on tiny
+random-weight files put where the registry expects the official ones."""
 
 import shutil
 
@@ -12,8 +12,10 @@ from safetensors.torch import save_file
 import sd
 from helpers import randomize_params
 from sd import unet as sd_unet
-from sd.models import (REGISTRY, Models, Registry, UnknownModel, WeightsMissing, load_model, parse_overrides,
-                       pipeline_bytes, spec_of)
+from sd.registry import (REGISTRY, Registry, UnknownModel, WeightsMissing, load_model, parse_overrides,
+                         spec_of)
+from sd.serve.cache import ModelCache, pipeline_bytes
+from sd.serve.jobs import GenerationJob
 from test_cli import tiny_checkpoint  # noqa: F401  (fixture)
 from test_sdxl import UNET_XL, single_file  # noqa: F401  (fixture)
 
@@ -64,7 +66,7 @@ def test_missing_weights_name_the_files_and_the_command(tmp_path):
     with pytest.raises(WeightsMissing, match="sd download @cf/runwayml/stable-diffusion-v1-5-img2img"):
         load_model(SD15, reg)
     with pytest.raises(WeightsMissing, match="sd download"):
-        Models(reg, device="cpu").get(SD15)
+        ModelCache(reg, device="cpu").get(SD15)
     present = {e["name"]: e["present"] for e in reg.describe()}
     assert present == dict.fromkeys(REGISTRY, False)
 
@@ -93,7 +95,7 @@ def test_load_by_id_takes_the_registry_defaults(weights, monkeypatch):
 
 
 def test_base_and_lightning_share_encoders_and_vae(weights):
-    models = Models(Registry(weights), device="cpu")
+    models = ModelCache(Registry(weights), device="cpu")
     lightning = models.get(LIGHTNING)
     base = models.get(BASE)
     assert base.vae is lightning.vae and base.text_encoders[0] is lightning.text_encoders[0]
@@ -113,28 +115,32 @@ def test_base_and_lightning_share_encoders_and_vae(weights):
 
 
 def test_cache_evicts_least_recently_used_beyond_its_budget(weights):
-    models = Models(Registry(weights), device="cpu", max_bytes=1)  # room for one model at a time
+    models = ModelCache(Registry(weights), device="cpu", max_bytes=1)  # room for one model at a time
     first = models.get(SD15)
     models.get(BASE)
-    assert list(models.cache) == [BASE]
+    assert list(models.pipelines) == [BASE]
     assert models.get(SD15) is not first  # reloaded
-    roomy = Models(Registry(weights), device="cpu")
+    roomy = ModelCache(Registry(weights), device="cpu")
     roomy.get(SD15), roomy.get(BASE)
-    assert list(roomy.cache) == [SD15, BASE]
+    assert list(roomy.pipelines) == [SD15, BASE]
 
 
-def test_generate_by_id_applies_modes_and_defaults(weights, tiny_checkpoint):  # noqa: F811
+def test_a_job_gets_its_models_modes_and_defaults(weights, tiny_checkpoint):  # noqa: F811
     reg = Registry(weights, {INPAINT: tiny_checkpoint})  # a 4-channel stand-in: the server doesn't mind
-    models = Models(reg, device="cpu")
+    models = ModelCache(reg, device="cpu")
     for missing in ({}, {"image": b"x"}):
         with pytest.raises(ValueError, match="required by @cf/runwayml/stable-diffusion-v1-5-inpainting"):
-            models.generate(INPAINT, "a fox", **missing)
+            models.check(GenerationJob(INPAINT, {"prompt": "a fox", **missing}))
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8))
     mask = np.zeros((48, 64), np.uint8)
     mask[8:40, 16:48] = 255
-    out = models.generate(INPAINT, "a fox", image=picture, mask=Image.fromarray(mask), num_steps=2, seed=1)
+    models.check(GenerationJob(INPAINT, {"prompt": "a fox", "image": picture, "mask": mask}))
+    out = models.get(INPAINT).generate("a fox", image=picture, mask=Image.fromarray(mask), num_steps=2, seed=1)
     outside = mask == 0
     assert np.array_equal(np.asarray(out)[outside], np.asarray(picture)[outside])  # keep_unmasked on by default
-    assert models.get(INPAINT).last_settings["keep_unmasked"] is True
-    out = models.generate(SD15, "a fox", image=picture, num_steps=2, seed=1)
-    assert out.size == (64, 48) and models.get(SD15).last_settings["strength"] == 1.0
+    assert out.info["sd"]["keep_unmasked"] is True
+    out = models.get(SD15).generate("a fox", image=picture, num_steps=2, seed=1)
+    assert out.size == (64, 48) and out.info["sd"]["strength"] == 1.0
+    fresh = ModelCache(reg, device="cpu")
+    before = {m: fresh.defaults(m) for m in (SD15, INPAINT)}  # what a job is checked against before a load
+    assert before == {m: fresh.get(m).defaults for m in (SD15, INPAINT)}

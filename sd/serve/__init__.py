@@ -1,0 +1,14 @@
+"""`sd serve`: the service layer around the core (`sd.load`, `Pipeline`); the core never imports it.
+
+    jobs.py         GenerationJob, what every API dialect hands the worker; its result; RequestError
+    workers_ai.py   the Workers AI dialect: its JSON -> GenerationJob; results, errors, model search -> its replies
+    cache.py        registry models loaded on first use and kept while they fit; cheap source checks
+    speed.py        how long a job takes on this device (measured), and the refusal of hopeless jobs
+    worker.py       the bounded queue and the thread that runs the jobs, one at a time, stoppable
+    connections.py  slow clients: deadlines for headers and bodies, a cap on open connections
+    app.py          the Starlette app: routes, handlers, the exception -> status table, the access log
+    cli.py          `sd serve`: flags, startup checks, uvicorn, SIGTERM
+
+Another dialect (OpenAI Images, AUTOMATIC1111) is one more module like workers_ai.py plus its
+routes in app.py; queueing, limits, auth, logging and cancellation are shared.
+"""

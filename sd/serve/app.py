@@ -1,0 +1,289 @@
+"""The Starlette app: the routes table, module-level handlers, the table from exception type to
+status, and the access log.
+
+    POST /ai/run/{model}                                  Workers AI JSON -> 200 image/png
+    POST /client/v4/accounts/{account_id}/ai/run/{model}  the same, where Cloudflare's clients send it
+    GET  /ai/models/search (and under /client/v4/accounts/{account_id}/)   the catalogue, as Cloudflare's
+    GET  /healthz                                          200 when every configured model can load, else 503
+
+The model id keeps its slashes (`/ai/run/@cf/lykon/dreamshaper-8-lcm`) or comes percent-encoded
+(`@cf%2Flykon%2F...`, as the official `cloudflare` clients send it); both reach the same model.
+
+Every generation takes one path, whatever its dialect: authorize, read the body (within the
+deadline), translate it (the dialect's `to_job`), check the job (model, inputs, weights, time),
+queue it, wait for it or for the client to leave or the timeout (either stops the job), and
+translate the result or the error back (the dialect's replies).
+"""
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from ..errors import InputError
+from ..registry import REGISTRY, UnknownModel, WeightsMissing, spec_of
+from . import workers_ai
+from .cache import LoadFailed, ModelCache, SourceProblem
+from .connections import ConnectionGuard, read_body
+from .jobs import GenerationResult, Reply, RequestError
+from .speed import Speeds, TooSlow
+from .worker import Ticket, Worker
+
+log = logging.getLogger("sd.serve")
+
+# What a request that fails with each exception is answered; a RequestError carries its own
+# status. Anything else is a bug: 500, a generic message, the traceback in the log.
+ERROR_STATUS: dict[type, int] = {
+    InputError: 400,        # the core's own checks of a request ("width: must be a multiple of 8, got 260")
+    UnknownModel: 404,
+    TooSlow: 422,
+    LoadFailed: 500,        # weights that looked right but did not load: the message names the model
+    WeightsMissing: 503,
+    SourceProblem: 503,
+}
+PARSE_OFF_LOOP = 2 ** 16    # bodies larger than this are parsed in a thread, not on the event loop
+
+
+@dataclass
+class Service:
+    """What the handlers share: the model cache, the worker and its limits."""
+    cache: ModelCache
+    worker: Worker
+    speeds: Speeds
+    api_token: str | None = None
+    timeout: float | None = None              # seconds a request may wait plus run; None: no limit
+    max_body: int = 20 * 2 ** 20
+    read_timeout: float = 30.0
+    guard: ConnectionGuard | None = None      # set when running under uvicorn with GuardedProtocol
+    parsing: object = field(default=None, repr=False)  # an anyio CapacityLimiter, made on startup
+
+
+# ---------------------------------------------------------------- errors
+
+
+def status_of(e: Exception) -> int:
+    if isinstance(e, RequestError):
+        return e.status
+    return next((ERROR_STATUS[cls] for cls in type(e).__mro__ if cls in ERROR_STATUS), 500)
+
+
+def answer(e: Exception, ref: str, model: str = "-") -> tuple[int, list[str], dict]:
+    """(status, messages, headers) for a request that failed with `e`; what a client must not
+    see (server paths, tracebacks) goes to the log under the request's id."""
+    status = status_of(e)
+    if isinstance(e, RequestError):
+        return status, e.messages, e.headers
+    if isinstance(e, SourceProblem):
+        log.warning("request %s: %s", ref, e)
+        return status, [f"{e.model}: its weights are not a checkpoint sd can read (see the server log, "
+                        f"request {ref})"], {}
+    if status == 500:
+        log.error("request %s: %s failed", ref, clean(model), exc_info=e)
+        what = str(e) if isinstance(e, LoadFailed) else "internal error"
+        return status, [f"{what} (see the server log, request {ref})"], {}
+    return status, [str(e)], {}
+
+
+def respond(reply: Reply):
+    from starlette.responses import Response
+    return Response(reply.body, status_code=reply.status, headers=reply.headers, media_type=reply.media_type)
+
+
+# ---------------------------------------------------------------- the handlers
+
+
+async def workers_ai_run(request):
+    return await generation(request, workers_ai, request.path_params["model"])
+
+
+async def generation(request, dialect, model: str):
+    """One generation request, from any dialect."""
+    service: Service = request.app.state.service
+    note = request.scope["sd.log"]
+    note["model"] = model
+    try:
+        authorize(request, service.api_token)
+        spec_of(model)
+        service.worker.check_open()  # before reading a body we would have to refuse anyway
+        body = await read_body(request.receive, request.headers.get("content-length"), service.max_body,
+                               service.read_timeout)
+        if len(body) > PARSE_OFF_LOOP:
+            import anyio
+            job = await anyio.to_thread.run_sync(dialect.to_job, model, body, limiter=service.parsing)
+        else:
+            job = dialect.to_job(model, body)
+        note["job"] = job
+        service.cache.check(job)
+        service.speeds.check(job, service.cache.defaults(model))
+        result = await outcome(request, service, service.worker.submit(job, note["id"]))
+        note["settings"] = result.settings
+        return respond(dialect.image_reply(result))
+    except Exception as e:
+        status, messages, headers = answer(e, note["id"], model)
+        return respond(dialect.error_reply(status, messages, headers))
+
+
+async def outcome(request, service: Service, ticket: Ticket) -> GenerationResult:
+    """The job's result, unless the client leaves or the timeout passes first: then the job is
+    taken out of the queue, or stopped where it runs, and the request answered 499 / 504."""
+    gone = asyncio.ensure_future(_disconnected(request.receive))
+    try:
+        done, _ = await asyncio.wait({ticket.future, gone}, timeout=service.timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if not ticket.future.done():
+        service.worker.abandon(ticket)
+        if gone in done:
+            raise RequestError(499, "client disconnected")
+        raise RequestError(504, f"timed out after {service.timeout:g} s (waiting for the worker and running)")
+    return ticket.future.result()
+
+
+async def _disconnected(receive):
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def workers_ai_search(request):
+    service: Service = request.app.state.service
+    try:
+        authorize(request, service.api_token)
+        catalogue = [(spec, not service.cache.registry.missing(spec.id)) for spec in REGISTRY.values()]
+        return respond(workers_ai.search_reply(catalogue, dict(request.query_params)))
+    except Exception as e:
+        return respond(workers_ai.error_reply(*answer(e, request.scope["sd.log"]["id"])))
+
+
+BAD_STATES = ("missing", "unreadable", "failed to load")
+
+
+async def healthz(request):
+    """Liveness and readiness: 503 while shutting down or while a configured model can't load."""
+    from starlette.responses import JSONResponse
+    service: Service = request.app.state.service
+    states = {model: service.cache.state(model) for model in REGISTRY}
+    problems = [f"{model}: {state}" for model, state in states.items() if state in BAD_STATES]
+    ok = not service.worker.closing and not problems
+    running = service.worker.running
+    return JSONResponse({"ok": ok, "problems": problems, "models": states, "queue": len(service.worker.waiting),
+                         "queue_size": service.worker.queue_size, "running": running.job.model if running else None,
+                         "loaded": list(service.cache.loaded), "device": str(service.cache.device),
+                         "closing": service.worker.closing is not None}, status_code=200 if ok else 503)
+
+
+def authorize(request, api_token: str | None):
+    if api_token is None:
+        return
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    if not value:
+        raise RequestError(401, "authorization: missing; send Authorization: Bearer <API token>",
+                           headers={"WWW-Authenticate": "Bearer"})
+    # Starlette decodes headers as latin-1: .encode("latin-1") gives back the bytes the client sent
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode("latin-1"),
+                                                             api_token.encode("utf-8")):
+        raise RequestError(401, "authorization: wrong API token", headers={"WWW-Authenticate": "Bearer"})
+
+
+# Routes the framework itself refuses (no route, wrong method) and unexpected errors, answered in
+# the Workers AI envelope: the one dialect so far. Another dialect would pick by path prefix here.
+async def http_error(request, exc):
+    message = {404: f"no route for {request.method} {request.url.path}",
+               405: f"method {request.method} not allowed here"}.get(exc.status_code, str(exc.detail))
+    return respond(workers_ai.error_reply(exc.status_code, [message], exc.headers, route=True))
+
+
+async def server_error(request, exc):
+    return respond(workers_ai.error_reply(*answer(exc, request.scope.get("sd.log", {}).get("id", "-"))))
+
+
+ROUTES = [("/ai/run/{model:path}", workers_ai_run, "POST"),
+          ("/client/v4/accounts/{account_id}/ai/run/{model:path}", workers_ai_run, "POST"),
+          ("/ai/models/search", workers_ai_search, "GET"),
+          ("/client/v4/accounts/{account_id}/ai/models/search", workers_ai_search, "GET"),
+          ("/healthz", healthz, "GET")]
+
+
+# ---------------------------------------------------------------- the access log
+
+
+def clean(value) -> str:
+    """A client's value made safe for one log line: control characters (CR, LF, ESC, NUL ...),
+    spaces and backslashes escaped, so it can neither forge lines nor fields nor colour a terminal."""
+    return "".join(c if c.isprintable() and c not in " \\" else "\\x20" if c == " " else
+                   c.encode("unicode_escape").decode("ascii") for c in str(value))
+
+
+def _size_and_steps(note: dict) -> tuple[str, str]:
+    settings = note.get("settings") or (note["job"].kwargs if "job" in note else {})
+    width, height, steps = (settings.get(k) for k in ("width", "height", "num_steps"))
+    return (f"{width}x{height}" if width and height else "-"), (str(steps) if steps else "-")
+
+
+class AccessLog:
+    """One line per request on the `sd.serve` logger: client, method, path, then id=, model=,
+    size=, steps=, status= and seconds, every client-supplied field escaped. Also: the request's
+    id in an X-Request-Id header (500 messages name it), and the connection guard told when the
+    request's headers are in and when its response is out."""
+
+    def __init__(self, app, guard: ConnectionGuard | None = None):
+        self.app, self.guard = app, guard
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status, client = time.perf_counter(), [], scope.get("client")
+        note = scope["sd.log"] = {"id": uuid.uuid4().hex[:12]}
+        if self.guard:
+            self.guard.request_started(client)
+
+        async def send_and_note(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", note["id"].encode())]}
+            await send(message)
+            if self.guard and message["type"] == "http.response.body" and not message.get("more_body"):
+                self.guard.response_sent(client)
+
+        try:
+            await self.app(scope, receive, send_and_note)
+        finally:
+            size, steps = _size_and_steps(note)
+            shown = {499: "499(client-gone)"}.get(status[0], status[0]) if status else "-"
+            log.info("%s %s %s id=%s model=%s size=%s steps=%s status=%s %.3fs", (client or ("-",))[0],
+                     clean(scope.get("method")), clean(scope.get("path", "")), note["id"], clean(note.get("model", "-")),
+                     size, steps, shown, time.perf_counter() - start)
+
+
+def create_app(service: Service):
+    """The ASGI app around a Service."""
+    try:
+        import anyio
+        from starlette.applications import Starlette
+        from starlette.exceptions import HTTPException
+        from starlette.middleware import Middleware
+        from starlette.routing import Route
+    except ImportError:
+        raise RuntimeError(MISSING_EXTRA) from None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        service.parsing = anyio.CapacityLimiter(2)  # big bodies are parsed off the event loop, two at a time
+        service.worker.start()
+        try:
+            yield
+        finally:
+            await service.worker.stop()
+
+    app = Starlette(routes=[Route(path, handler, methods=[method]) for path, handler, method in ROUTES],
+                    middleware=[Middleware(AccessLog, guard=service.guard)], lifespan=lifespan,
+                    exception_handlers={HTTPException: http_error, Exception: server_error})
+    app.router.redirect_slashes = False  # an API answers 404, not a redirect, for /ai/run/
+    app.state.service = service
+    return app
+
+
+MISSING_EXTRA = "sd serve needs the server extra: pip install 'sd[server]'"

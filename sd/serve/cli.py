@@ -1,0 +1,187 @@
+"""`sd serve`: its flags, the checks made before it listens, and running it under uvicorn.
+
+Startup refuses, with one line and exit status 2, what could never work: a flag out of its
+range (or not finite), a device this machine lacks, a model source that is not a checkpoint
+(headers are read, not weights). A `--model` source that does not exist yet is served 503 until
+it appears. SIGTERM / Ctrl-C: queued requests are answered 503, the running one finishes, the
+process exits 0 (a second Ctrl-C stops waiting).
+"""
+
+import argparse
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from ..errors import InputError
+from ..registry import REGISTRY, Registry, UnknownModel, default_weights_dir, parse_overrides
+from .app import MISSING_EXTRA, Service, create_app
+from .cache import ModelCache
+from .connections import ConnectionGuard
+from .speed import Speeds
+from .worker import Worker
+
+log = logging.getLogger("sd.serve")
+
+DEFAULT_QUEUE_SIZE = 32
+DEFAULT_MAX_BODY_MB = 20
+DEFAULT_TIMEOUT = 300.0
+DEFAULT_READ_TIMEOUT = 30.0
+DEFAULT_MAX_CONNECTIONS = 128
+
+
+def number(kind: type, low: float, high: float, *, above_low: bool = False):
+    """An argparse type: a finite `kind` in [low, high] (or (low, high]), with the rule in its error."""
+    def parse(text: str):
+        interval = f"{'(' if above_low else '['}{low:g}, {high:g}]"
+        rule = f"must be a {'whole number' if kind is int else 'number'} in {interval}, got {text!r}"
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(rule) from None
+        if not math.isfinite(value) or not (low < value if above_low else low <= value) or value > high:
+            raise argparse.ArgumentTypeError(rule)
+        return value
+    return parse
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, no usage block: `error: argument --port: must be a whole number in [1, 65535], got '99999'`."""
+        self.exit(2, f"error: {message}\n")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = Parser(prog="sd serve", description="Serve the Workers AI text-to-image API.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=number(int, 1, 65535), default=8000, help="default 8000")
+    p.add_argument("--weights-dir", default=None, help="where `sd download` puts the models "
+                                                       "(default: $SD_WEIGHTS_DIR, else ./weights)")
+    p.add_argument("--model", action="append", default=[], metavar="ID=SOURCE",
+                   help="serve model ID from SOURCE (a .safetensors file or a diffusers folder); repeatable")
+    p.add_argument("--api-token", default=None, help="require `Authorization: Bearer TOKEN` "
+                                                     "(default: $SD_API_TOKEN; none: no authentication)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="default: float16 on CUDA, float32 elsewhere")
+    p.add_argument("--queue-size", type=number(int, 0, 100_000), default=DEFAULT_QUEUE_SIZE,
+                   help=f"requests that may wait behind the running one; more get 429 (default {DEFAULT_QUEUE_SIZE})")
+    p.add_argument("--max-body-mb", type=number(float, 0, 4096, above_low=True), default=DEFAULT_MAX_BODY_MB,
+                   help=f"largest request body in MiB; larger get 413 (default {DEFAULT_MAX_BODY_MB})")
+    p.add_argument("--cache-gb", type=number(float, 0, 1e6, above_low=True), default=None,
+                   help="memory for loaded models in GiB, least recently used out first "
+                        "(default: 80%% of the GPU's memory, or of RAM)")
+    p.add_argument("--timeout", type=number(float, 0, 7 * 86400), default=DEFAULT_TIMEOUT,
+                   help="seconds a request may wait plus run before a 504 (the job stops); a job expected to take "
+                        f"far longer is refused up front; 0: no limit (default {DEFAULT_TIMEOUT:g})")
+    p.add_argument("--read-timeout", type=number(float, 0, 3600, above_low=True), default=DEFAULT_READ_TIMEOUT,
+                   help="seconds a request's headers, and its body (plus 1 s per 64 KiB), may take to arrive; "
+                        f"slower ones get 408 and are closed (default {DEFAULT_READ_TIMEOUT:g})")
+    p.add_argument("--max-connections", type=number(int, 1, 100_000), default=DEFAULT_MAX_CONNECTIONS,
+                   help=f"open connections at most; more are answered 503 and closed (default "
+                        f"{DEFAULT_MAX_CONNECTIONS})")
+    return p
+
+
+def check_device(name: str | None) -> str | None:
+    """Why `name` can't hold tensors on this machine (None: it can, or it is the default)."""
+    if name is None:
+        return None
+    import torch
+    try:
+        torch.zeros(1, device=torch.device(name))
+    except Exception as e:  # not compiled with CUDA, no such ordinal, no MPS ...: all mean the same here
+        return f"--device {name}: not usable on this machine ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as e:  # a bad flag (one line already printed), or --help
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        import starlette  # noqa: F401
+        import uvicorn
+    except ImportError:
+        print(MISSING_EXTRA, file=sys.stderr)
+        return 2
+    if args.api_token is not None and not args.api_token.strip():
+        return _fail("--api-token: empty (leave it out to serve without authentication)")
+    try:
+        overrides = parse_overrides(args.model)
+    except (InputError, UnknownModel) as e:
+        return _fail(str(e))
+    if problem := check_device(args.device):
+        return _fail(problem)
+    registry = Registry(Path(args.weights_dir) if args.weights_dir else default_weights_dir(), overrides)
+    import torch
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
+    cache = ModelCache(registry, device=args.device, dtype=dtype,
+                       max_bytes=int(args.cache_gb * 2 ** 30) if args.cache_gb is not None else None)
+    problems = [f"{model_id}{' (given with --model)' if model_id in overrides else ''}: {problem}"
+                for model_id in REGISTRY if (problem := cache.problem(model_id))]
+    if problems:
+        return _fail(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+    timeout = args.timeout or None
+    speeds = Speeds(timeout, str(cache.device))
+    token = args.api_token if args.api_token is not None else os.environ.get("SD_API_TOKEN") or None
+    guard = ConnectionGuard(args.read_timeout, args.max_connections)
+    service = Service(cache, Worker(cache, speeds, args.queue_size), speeds, api_token=token, timeout=timeout,
+                      max_body=int(args.max_body_mb * 2 ** 20), read_timeout=args.read_timeout, guard=guard)
+    _log_to_stderr()
+    for model_id in REGISTRY:  # the server's own log: paths are shown here
+        state = cache.state(model_id)
+        log.info("%s", registry.missing_message(model_id) if state in ("missing", "not downloaded")
+                 else f"{model_id}: ready ({registry.sources(model_id)[0]})")
+    log.info("device %s, queue %d, body limit %g MiB, timeout %s, read timeout %g s, %d connections, %s", cache.device,
+             args.queue_size, args.max_body_mb, f"{timeout:g} s" if timeout else "none", args.read_timeout,
+             args.max_connections, "API token required" if token else "no authentication")
+    return serve(uvicorn.Server(uvicorn_config(create_app(service), guard, args.host, args.port)), service)
+
+
+def uvicorn_config(app, guard: ConnectionGuard, host: str, port: int):
+    """uvicorn's h11 protocol inside the connection guard; client addresses as the sockets give
+    them (no proxy headers: the guard finds connections by them); no WebSockets, no access log
+    of uvicorn's own (the app writes one)."""
+    import uvicorn
+    return uvicorn.Config(app, host=host, port=port, http=guard.protocol(), ws="none", lifespan="on",
+                          access_log=False, log_level="info", server_header=False, proxy_headers=False)
+
+
+def serve(server, service: Service) -> int:
+    """Run uvicorn in a thread, where it installs no signal handlers (uvicorn 0.13+), and handle
+    SIGINT / SIGTERM here: close the queue (waiting requests get 503), then ask uvicorn to shut
+    down gracefully (it lets running requests finish); a second SIGINT stops waiting for them."""
+    def on_signal(signum, frame):
+        if server.should_exit and signum == signal.SIGINT:
+            server.force_exit = True
+        service.worker.close_from_any_thread("the server is shutting down")
+        server.should_exit = True
+
+    thread = threading.Thread(target=server.run, name="uvicorn")
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0 if server.started else 1  # not started: uvicorn logged why (the port taken, ...)
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def _log_to_stderr():
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
