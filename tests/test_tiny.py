@@ -14,7 +14,7 @@ from safetensors import safe_open
 import sd
 from sd import shapes
 from sd.cli import default_model, main
-from sd.models import REGISTRY, Registry
+from sd.registry import REGISTRY, Registry
 from sd.tiny import CHECKPOINT, PRESET_KEY, PRESET_NAME, SAMPLE_SIZE
 
 ROOT = Path(__file__).resolve().parent.parent
