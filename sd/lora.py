@@ -17,7 +17,9 @@ Two layouts are read:
 Merged, not hooked in, so a LoRA costs nothing per step. A changed weight is recomputed from the
 weight as loaded: original + the sum of every loaded LoRA's change, in float32, cast once to the
 weight's dtype, and put in as a new tensor. The original tensor object is kept, so unloading puts
-it back bit for bit, and a weight memory-mapped from its file is never written.
+it back bit for bit, and a weight memory-mapped from its file is never written. The price: while a
+LoRA is loaded, each weight it changes is held twice (a weight still mapped from its file, as a
+float32 model on the CPU is, costs page cache rather than memory of its own).
 """
 
 import json
