@@ -312,8 +312,8 @@ def apply(unet: nn.Module, text_encoders: list[nn.Module], source: "str | Path |
         mine = [layer for layer in layers if layer.part == part]
         if mine and model is None:  # one line for them all, first: the likeliest reason for the rest
             more = f" and {len(mine) - 1} more" if len(mine) > 1 else ""
-            problems.insert(0, (mine[0].name + more, f"{len(mine)} {part} layers, and this model has one "
-                                "text encoder"))
+            layers_of = f"{len(mine)} layer{'s' if len(mine) > 1 else ''} of a {part}"
+            problems.insert(0, (mine[0].name + more, f"{layers_of}, and this model has one text encoder"))
             unplaced += len(mine)
         elif mine:
             changes[part], part_problems = place(mine, part, model, scale)

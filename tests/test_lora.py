@@ -537,8 +537,8 @@ def test_sdxl_lora_on_sd15_says_sdxl(sd15, sdxl):
     message = str(info.value)
     print(message)
     assert "could not be placed in this SD 1.5 model" in message
-    assert "\n  lora_te2_text_model_encoder_layers_0_mlp_fc1 and 17 more: 18 second text encoder layers, and this " \
-           "model has one text encoder\n" in message
+    assert "\n  lora_te2_text_model_encoder_layers_0_mlp_fc1 and 17 more: 18 layers of a second text encoder, and " \
+           "this model has one text encoder\n" in message
     assert "It looks made for another model: it changes a second text encoder, as SDXL LoRAs do" in message
     assert "its cross-attention reads 128-wide text, this model's 64-wide" in message
     assert weights_unchanged(sd15.ours, before)
