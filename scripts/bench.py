@@ -239,7 +239,8 @@ class Timer:
             fn()
             return time.perf_counter() - t
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        # Work still queued from before would otherwise run between the two events and be counted.
+        # Start from an idle GPU: with earlier work still running, fn's kernels would queue up
+        # meanwhile, and the time the host takes to launch them would be hidden.
         torch.cuda.synchronize(self.device)
         start.record()
         fn()

@@ -565,7 +565,8 @@ def case_lightning(work):
 
 CASES = {"sd15": case_sd15, "sd15-inpaint": case_sd15_inpaint, "img2img": case_img2img,
          "sdxl": case_sdxl, "lightning": case_lightning,
-         "lcm": lambda work: lcm_case(work, distilled=False), "lcm-distilled": lambda work: lcm_case(work, distilled=True)}
+         "lcm": lambda work: lcm_case(work, distilled=False),
+         "lcm-distilled": lambda work: lcm_case(work, distilled=True)}
 
 
 # ---------------------------------------------------------------- parts 2 and 3: speed and memory

@@ -1,10 +1,11 @@
 """scripts/gpu_check.py, rehearsed on the CPU so that a device's 15 minutes are not spent on a typo.
 
 The default suite runs each part's code in this process on the smallest inputs: part 1 on one
-case in float32 and bfloat16 plus the float16 SDXL VAE check, a speed step on bench's tiny SD 1.5
-stand-in (compile=True through dynamo's eager backend), the report from those results, the time
-budget, and the kill of a step that overruns. The whole rehearsal, every step in its own process
-as on the device, takes minutes on a 2-core CPU: it runs with SD_SLOW_TESTS=1.
+case in float32 and bfloat16 (every case is built) and the float16 SDXL VAE check, a speed step
+on bench's tiny SD 1.5 stand-in and its compile=True twin (dynamo's eager backend), the report
+from those results, the time budget, and the kill of a step that overruns. The whole rehearsal,
+every step in its own process as on the device, takes minutes on a 2-core CPU: it runs with
+SD_SLOW_TESTS=1.
 """
 
 import json
@@ -53,6 +54,20 @@ def test_parity_case_runs_in_float32_and_bfloat16(results):
     # float32 on one device is the suite's parity: rounding only, and the CPU's own image exactly.
     assert cases[0]["vs diffusers"]["max"] <= gpu_check.PARITY["float32"].max
     assert cases[0]["vs CPU float32"]["max"] == 0
+
+
+def test_every_case_builds_from_the_suite_s_builders(tmp_path):
+    """Each case takes its models, inputs and reference runs from tests/test_*.py: building them
+    all here catches a helper renamed there before a device run would (the images are made only
+    in the full rehearsal, and for sd15 above)."""
+    for name, make in gpu_check.CASES.items():
+        case = make(tmp_path)
+        assert callable(case.load) and callable(case.ours) and callable(case.theirs), name
+
+
+def test_float32_bar_is_the_suite_s():
+    from helpers import PIXEL_TOL
+    assert gpu_check.PARITY["float32"].max == PIXEL_TOL
 
 
 def test_float16_sdxl_vae_check_passes_and_has_teeth(results):
