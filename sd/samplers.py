@@ -74,9 +74,10 @@ class SamplerSpec:
                 takes = ", ".join(self.options) or "no options"
                 raise InputError(f"sampler_options: {self.name} takes no option {key!r} (it takes: {takes})")
             kind = params[key].annotation
-            if typing.get_origin(kind) is typing.Literal and value not in typing.get_args(kind):
-                choices = ", ".join(map(repr, typing.get_args(kind)))
-                raise InputError(f"sampler_options: {self.name}'s {key} must be one of {choices}, got {value!r}")
+            choices = typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else None
+            if choices and not any(type(value) is type(c) and value == c for c in choices):
+                raise InputError(f"sampler_options: {self.name}'s {key} must be one of "
+                                 f"{', '.join(map(repr, choices))}, got {value!r}")
             if kind is float and (isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value)):
                 raise InputError(f"sampler_options: {self.name}'s {key} must be a number, got {value!r}")
         return dict(options)
@@ -119,6 +120,23 @@ def twin_of(scheduler_class: str | None, config: dict) -> str | None:
         if all(config.get(k, v) == v for k, v in spec.twin_config.items()):
             return spec.name
     return matches[0].name if matches else None
+
+
+def sampler_table() -> str:
+    """The README's table of samplers (markdown), from the registry: one row per sampler and alias."""
+    def settings(config):
+        return ", ".join(f"{k}={v!r}".replace("'", '"') for k, v in config.items())
+
+    rows = ["| `sampler=` | algorithm | options | diffusers twin |", "| --- | --- | --- | --- |"]
+    for spec in SAMPLERS.values():
+        options = ", ".join(f"`{k}={v!r}`" for k, v in spec.options.items())
+        twin = f"`{spec.twin}({settings(spec.twin_config)})`" if spec.twin_config else f"`{spec.twin}`"
+        rows.append(f"| `{spec.name}` | {spec.cite} | {options} | {twin if spec.twin else 'none'} |")
+    for alias, (name, schedule) in ALIASES.items():
+        spec = SAMPLERS[name]
+        twin = f"`{spec.twin}({settings({**spec.twin_config, f'use_{schedule}_sigmas': True})})`"
+        rows.append(f"| `{alias}` | `{name}` on the `{schedule}` schedule | | {twin} |")
+    return "\n".join(rows)
 
 
 def randn(shape, generator: Generator, device, dtype=torch.float32) -> torch.Tensor:
@@ -205,8 +223,9 @@ def sample_euler(model: Denoiser, x, sigmas, *, generator: Generator = None, cal
 @torch.no_grad()
 def sample_euler_ancestral(model: Denoiser, x, sigmas, *, generator: Generator = None, callback=None,
                            eta: float = 1.0, s_noise: float = 1.0):
-    """Euler ancestral (k-diffusion): an Euler step down to sigma_down, then fresh noise up to
-    sigma_next, splitting each step as DDPM's ancestral sampling does (Ho et al. 2020)."""
+    """Euler ancestral: an Euler step down, then fresh noise back up (k-diffusion; Ho et al. 2020).
+    Each step from sigma to sigma_next goes to sigma_down deterministically and adds noise of
+    sigma_up, as DDPM's ancestral sampling splits it."""
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
         s, s_next = sigmas[i], sigmas[i + 1]
@@ -222,8 +241,8 @@ def sample_euler_ancestral(model: Denoiser, x, sigmas, *, generator: Generator =
 @torch.no_grad()
 def sample_heun(model: Denoiser, x, sigmas, *, generator: Generator = None, callback=None,
                 s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
-    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 2):
-    an Euler step, then the average of the slopes at both ends; Euler on the step to sigma = 0."""
+    """Heun's second-order method on the probability-flow ODE (Karras et al. 2022, Algorithm 2).
+    An Euler step, then the average of the slopes at both ends; Euler on the step to sigma = 0."""
     for i in range(len(sigmas) - 1):
         x, sigma = churn(x, sigmas[i], len(sigmas) - 1, generator, s_churn, s_tmin, s_tmax, s_noise)
         denoised = model(x, sigma)
@@ -243,8 +262,8 @@ def sample_heun(model: Denoiser, x, sigmas, *, generator: Generator = None, call
 @torch.no_grad()
 def sample_dpm_2(model: Denoiser, x, sigmas, *, generator: Generator = None, callback=None,
                  s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0):
-    """DPM-Solver-2 in Karras' form (k-diffusion; Lu et al. 2022, Algorithm 1): the slope at the
-    log-midpoint of the step carries the whole step; Euler on the step to sigma = 0."""
+    """DPM-Solver-2 in Karras' form: the slope at the step's log-midpoint (Lu et al. 2022; k-diffusion).
+    That slope carries the whole step; Euler on the step to sigma = 0."""
     for i in range(len(sigmas) - 1):
         x, sigma = churn(x, sigmas[i], len(sigmas) - 1, generator, s_churn, s_tmin, s_tmax, s_noise)
         denoised = model(x, sigma)
@@ -264,8 +283,8 @@ def sample_dpm_2(model: Denoiser, x, sigmas, *, generator: Generator = None, cal
 @torch.no_grad()
 def sample_dpm_2_ancestral(model: Denoiser, x, sigmas, *, generator: Generator = None, callback=None,
                            eta: float = 1.0, s_noise: float = 1.0):
-    """DPM-Solver-2 ancestral (k-diffusion): a DPM-Solver-2 step down to sigma_down, then fresh
-    noise up to sigma_next, as Euler ancestral splits its steps."""
+    """DPM-Solver-2 ancestral: a DPM-Solver-2 step down, then fresh noise back up (k-diffusion).
+    Each step is split as Euler ancestral splits it."""
     for i in range(len(sigmas) - 1):
         s = sigmas[i]
         denoised = model(x, s)
@@ -287,8 +306,8 @@ def sample_dpm_2_ancestral(model: Denoiser, x, sigmas, *, generator: Generator =
 @torch.no_grad()
 def sample_lms(model: Denoiser, x, sigmas, *, generator: Generator = None, callback=None,
                order: typing.Literal[1, 2, 3, 4] = 4):
-    """Linear multistep (Adams-Bashforth in sigma, k-diffusion's sample_lms): the slope integrated
-    as the polynomial through the last `order` slopes; lower orders while history builds up."""
+    """Linear multistep: Adams-Bashforth in sigma over the last `order` slopes (k-diffusion's sample_lms).
+    The slope is integrated as the polynomial through them; lower orders while history builds up."""
     nodes = sigmas.detach().double().cpu().numpy()
     slopes = []
     for i in range(len(sigmas) - 1):
@@ -303,8 +322,8 @@ def sample_lms(model: Denoiser, x, sigmas, *, generator: Generator = None, callb
 @register("ddim", timesteps="ddim", twin="DDIMScheduler", needs=("landing",))
 @torch.no_grad()
 def sample_ddim(model: Denoiser, x, sigmas, *, generator: Generator = None, callback=None, landing=None):
-    """DDIM, eta = 0 (Song et al. 2020, eq. 12): x_prev = x0 + sigma_prev * eps, which in
-    sigma space is one Euler step (Karras et al. 2022, section 4).
+    """DDIM with eta = 0 (Song et al. 2020, eq. 12), in sigma space an Euler step (Karras et al. 2022).
+    x_prev = x0 + sigma_prev * eps is one Euler step (Karras et al. 2022, section 4).
 
     `landing[i]`, when given, is where step i lands instead of sigmas[i+1]; the result is then
     read as the latents at sigmas[i+1] (diffusers' DDIMScheduler with non-"leading" spacing)."""
@@ -322,8 +341,8 @@ def sample_ddim(model: Denoiser, x, sigmas, *, generator: Generator = None, call
 @register("ddpm", timesteps="ddpm", twin="DDPMScheduler")
 @torch.no_grad()
 def sample_ddpm(model: Denoiser, x, sigmas, *, generator: Generator = None, callback=None):
-    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) on a subset of the training steps: each
-    step draws from the posterior q(x_next | x, x0), in sigma space Euler ancestral with eta = 1."""
+    """DDPM ancestral sampling (Ho et al. 2020, Algorithm 2) on a subset of the training steps.
+    Each step draws from the posterior q(x_next | x, x0): in sigma space, Euler ancestral with eta = 1."""
     return sample_euler_ancestral(model, x, sigmas, generator=generator, callback=callback)
 
 
@@ -331,8 +350,8 @@ def sample_ddpm(model: Denoiser, x, sigmas, *, generator: Generator = None, call
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model: Denoiser, x, sigmas, *, generator: Generator = None, callback=None,
                               eta: float = 1.0, s_noise: float = 1.0):
-    """DPM-Solver++(2S) ancestral (k-diffusion; Lu et al. 2022, Algorithm 1): a second-order
-    single step in lambda = -log(sigma) down to sigma_down, then fresh noise up to sigma_next."""
+    """DPM-Solver++(2S) ancestral: a second-order step down, then fresh noise (Lu et al. 2022; k-diffusion).
+    The single step is taken in lambda = -log(sigma), to sigma_down; then noise up to sigma_next."""
     for i in range(len(sigmas) - 1):
         s = sigmas[i]
         denoised = model(x, s)
@@ -354,8 +373,9 @@ def sample_dpmpp_2s_ancestral(model: Denoiser, x, sigmas, *, generator: Generato
 @torch.no_grad()
 def sample_dpmpp_sde(model: Denoiser, x, sigmas, *, generator: Generator = None, callback=None,
                      eta: float = 1.0, s_noise: float = 1.0, r: float = 0.5):
-    """DPM-Solver++ (stochastic) (k-diffusion; Lu et al. 2022): two stages per step, at the fraction
-    r of the step in lambda and at its end, each an ancestral step with fresh noise."""
+    """DPM-Solver++ (stochastic): two ancestral stages per step (Lu et al. 2022; k-diffusion).
+    The stages end at the fraction r of the step in lambda = -log(sigma) and at its end, each
+    adding fresh noise (here from the generator; k-diffusion's default is a Brownian tree)."""
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
         denoised = model(x, s)
@@ -380,8 +400,8 @@ def sample_dpmpp_sde(model: Denoiser, x, sigmas, *, generator: Generator = None,
           twin_config={"algorithm_type": "dpmsolver++"})
 @torch.no_grad()
 def sample_dpmpp_2m(model: Denoiser, x, sigmas, *, generator: Generator = None, callback=None):
-    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2): second-order multistep in log-sigma,
-    first order on the first step and on the step that lands on sigma = 0."""
+    """DPM-Solver++(2M): second-order multistep in log-sigma (Lu et al. 2022, Algorithm 2).
+    First order on the first step and on the step that lands on sigma = 0."""
     old_denoised = None
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
@@ -407,8 +427,8 @@ def sample_dpmpp_2m(model: Denoiser, x, sigmas, *, generator: Generator = None, 
 def sample_dpmpp_2m_sde(model: Denoiser, x, sigmas, *, generator: Generator = None, callback=None,
                         eta: float = 1.0, s_noise: float = 1.0,
                         solver_type: typing.Literal["midpoint", "heun"] = "midpoint"):
-    """DPM-Solver++(2M) SDE (Lu et al. 2022, section 5; k-diffusion): the multistep update of the
-    reverse SDE, fresh noise each step; eta = 0 is the ODE solver."""
+    """DPM-Solver++(2M) SDE: the multistep update of the reverse SDE (Lu et al. 2022; k-diffusion).
+    Fresh noise each step; eta = 0 is the ODE solver."""
     old_denoised = h_last = None
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
@@ -438,8 +458,8 @@ def sample_dpmpp_2m_sde(model: Denoiser, x, sigmas, *, generator: Generator = No
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model: Denoiser, x, sigmas, *, generator: Generator = None, callback=None,
                         eta: float = 1.0, s_noise: float = 1.0):
-    """DPM-Solver++(3M) SDE (k-diffusion; Lu et al. 2022): the third-order multistep update of the
-    reverse SDE, fresh noise each step; lower orders while history builds up."""
+    """DPM-Solver++(3M) SDE: the third-order multistep update of the reverse SDE (k-diffusion).
+    Fresh noise each step; lower orders while history builds up."""
     history = []  # (x0 prediction, step h that followed it), newest last
     for i in range(len(sigmas) - 1):
         s, s_next = sigmas[i], sigmas[i + 1]
@@ -502,8 +522,9 @@ def unipc_update(x, sigmas, i: int, history: list, order: int, bh2: bool, correc
 @torch.no_grad()
 def sample_unipc(model: Denoiser, x, sigmas, *, generator: Generator = None, callback=None,
                  order: typing.Literal[1, 2, 3] = 2, solver_type: typing.Literal["bh1", "bh2"] = "bh2"):
-    """UniPC (Zhao et al. 2023): a multistep predictor, then each new x0 prediction corrects the
-    point it was made at before the next step; lower orders at the start and the end."""
+    """UniPC: a multistep predictor and a corrector from each new prediction (Zhao et al. 2023).
+    Each new x0 prediction corrects the point it was made at before the next step; lower orders
+    at the start and the end."""
     n = len(sigmas) - 1
     history, x_prev, last_order = [], None, 0
     for i in range(n):
@@ -524,9 +545,9 @@ def sample_unipc(model: Denoiser, x, sigmas, *, generator: Generator = None, cal
 @torch.no_grad()
 def sample_deis(model: Denoiser, x, sigmas, *, generator: Generator = None, callback=None,
                 order: typing.Literal[1, 2, 3] = 2):
-    """DEIS (Zhang & Chen 2023, "log-rho" multistep): the noise prediction integrated in sigma as the
-    polynomial in log(sigma) through the last `order` of them; first order at the start and, under
-    15 steps, lower orders at the end (diffusers' lower_order_final)."""
+    """DEIS: the noise prediction integrated as a polynomial in log-sigma (Zhang & Chen 2023).
+    The polynomial goes through the last `order` predictions ("log-rho" multistep); first order at
+    the start and, under 15 steps, lower orders at the end (diffusers' lower_order_final)."""
     nodes = sigmas.detach().double().cpu().numpy()
     n, eps = len(sigmas) - 1, []
     for i in range(n):
@@ -539,11 +560,11 @@ def sample_deis(model: Denoiser, x, sigmas, *, generator: Generator = None, call
     return x
 
 
-@register("plms", timesteps="ddim", twin="PNDMScheduler")
+@register("plms", timesteps="ddim", twin="PNDMScheduler", twin_config={"skip_prk_steps": True})
 @torch.no_grad()
 def sample_plms(model: Denoiser, x, sigmas, *, generator: Generator = None, callback=None):
-    """PLMS / PNDM without Runge-Kutta warm-up (Liu et al. 2022; diffusers' PNDMScheduler with
-    skip_prk_steps): Adams-Bashforth on the noise prediction, a Heun step to start."""
+    """PLMS: Adams-Bashforth on the noise prediction, a Heun step to start (Liu et al. 2022).
+    PNDM without its Runge-Kutta warm-up (diffusers' PNDMScheduler with skip_prk_steps)."""
     AB = {1: (1,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
     history = []  # noise predictions eps = (x - x0) / sigma, newest last
     n = len(sigmas) - 1
@@ -566,9 +587,10 @@ def sample_plms(model: Denoiser, x, sigmas, *, generator: Generator = None, call
 @register("lcm", timesteps="lcm", twin="LCMScheduler", consistency=True)
 @torch.no_grad()
 def sample_lcm(model: Denoiser, x, sigmas, *, generator: Generator = None, callback=None):
-    """Latent consistency sampling (Song et al. 2023, Algorithm 1; Luo et al. 2023): jump to the
-    consistency model's x0, then re-noise it with fresh noise to the next sigma. `model` should
-    apply the consistency boundary condition (denoiser.lcm_boundary_condition)."""
+    """Latent consistency sampling: x0 by the consistency function, re-noised (Luo et al. 2023).
+    Song et al. 2023, Algorithm 1: jump to the consistency model's x0, then re-noise it with fresh
+    noise to the next sigma. `model` should apply the consistency boundary condition
+    (denoiser.lcm_boundary_condition)."""
     for i in range(len(sigmas) - 1):
         denoised = model(x, sigmas[i])
         x = denoised

@@ -147,7 +147,7 @@ def schedule(name: str):
 
 @schedule("karras")
 def karras_sigmas(n: int, r: SigmaRange, rho: float = 7.0) -> np.ndarray:
-    """Karras et al. 2022, eq. 5: steps evenly spaced in sigma^(1/rho)."""
+    """Steps evenly spaced in sigma^(1/7) (Karras et al. 2022, eq. 5; diffusers' use_karras_sigmas)."""
     ramp = np.linspace(0, 1, n)
     low, high = float(r.low), float(r.high)  # float64 math, as diffusers
     return (high ** (1 / rho) + ramp * (low ** (1 / rho) - high ** (1 / rho))) ** rho
@@ -155,37 +155,37 @@ def karras_sigmas(n: int, r: SigmaRange, rho: float = 7.0) -> np.ndarray:
 
 @schedule("exponential")
 def exponential_sigmas(n: int, r: SigmaRange) -> np.ndarray:
-    """Steps evenly spaced in log(sigma) (k-diffusion's get_sigmas_exponential; diffusers' flag)."""
+    """Steps evenly spaced in log(sigma) (k-diffusion; diffusers' use_exponential_sigmas)."""
     return np.exp(np.linspace(math.log(r.high), math.log(r.low), n))
 
 
 @schedule("beta")
 def beta_sigmas(n: int, r: SigmaRange, a: float = 0.6, b: float = 0.6) -> np.ndarray:
-    """Lee et al. 2024, "Beta Sampling is All You Need": sigma_min + (sigma_max - sigma_min) times the
-    Beta(0.6, 0.6) quantiles of evenly spaced levels, so steps crowd at both ends (diffusers' flag)."""
+    """Steps at Beta(0.6, 0.6) quantiles, crowded at both ends (Lee et al. 2024; diffusers' use_beta_sigmas).
+    sigma_min + (sigma_max - sigma_min) times the quantiles of evenly spaced levels."""
     low, high = float(r.low), float(r.high)
     return np.array([low + beta_quantile(p, a, b) * (high - low) for p in 1 - np.linspace(0, 1, n)])
 
 
 @schedule("sgm_uniform")
 def sgm_uniform_sigmas(n: int, r: SigmaRange) -> np.ndarray:
-    """Evenly spaced timesteps from the last training step to the first, the final one left out, as
-    Stability's sgm code spaces them (ComfyUI's sgm_uniform); sigmas by log-linear interpolation."""
+    """Timesteps evenly spaced from T - 1 towards 0, the last left out (Stability's sgm; ComfyUI's sgm_uniform).
+    Sigmas between training steps by log-linear interpolation."""
     t = torch.linspace(len(r.table) - 1, 0, n + 1)[:-1].double().numpy()
     return t_to_sigma(t, r.table)
 
 
 @schedule("simple")
 def simple_sigmas(n: int, r: SigmaRange) -> np.ndarray:
-    """Every (T / n)-th training sigma from the top, T / n fractional and truncated (ComfyUI's simple)."""
+    """Every (T / n)-th training sigma from the top, indices truncated (ComfyUI's simple)."""
     stride = len(r.table) / n
     return np.array([r.table[-(1 + int(k * stride))] for k in range(n)], dtype=np.float64)
 
 
 @schedule("ddim_uniform")
 def ddim_uniform_sigmas(n: int, r: SigmaRange) -> np.ndarray:
-    """The training sigmas at t = 1, 1 + T//n, 1 + 2 T//n, ... below T, noisiest first (ComfyUI's
-    ddim_uniform). As there, that is one step more than n when T//n fits n + 1 times (n = 6, 7, ...)."""
+    """The training sigmas at t = 1, 1 + T//n, 1 + 2 T//n, ... below T (ComfyUI's ddim_uniform).
+    Noisiest first. As there, that is one step more than n when T//n fits n + 1 times (n = 6, 7, ...)."""
     return r.table[1::max(len(r.table) // n, 1)][::-1].astype(np.float64)
 
 
@@ -201,13 +201,21 @@ ALIGN_YOUR_STEPS = {
 
 @schedule("align_your_steps")
 def align_your_steps_sigmas(n: int, r: SigmaRange) -> np.ndarray:
-    """Align Your Steps (Sabour et al. 2024): NVIDIA's optimised 10-step list for the model, for
-    other step counts log-linearly interpolated to n + 1 levels (their recipe, as ComfyUI's node)."""
+    """NVIDIA's optimised 10-step sigmas for SD 1.5 / SDXL (Sabour et al. 2024, Align Your Steps).
+    Other step counts log-linearly interpolate them to n + 1 levels (their recipe, as ComfyUI's node)."""
     levels = np.array(ALIGN_YOUR_STEPS[r.model])
     if n + 1 != len(levels):
         where = np.linspace(0, 1, n + 1)
         levels = np.exp(np.interp(where, np.linspace(0, 1, len(levels)), np.log(levels[::-1])))[::-1]
     return levels[:-1]
+
+
+def schedule_table() -> str:
+    """The README's table of schedules (markdown), from SCHEDULES: one row each."""
+    rows = ["| `schedule=` | sigmas |", "| --- | --- |",
+            "| `default` | the sampler's diffusers twin's own, on the model's timestep spacing |"]
+    rows += [f"| `{name}` | {fn.__doc__.strip().splitlines()[0]} |" for name, fn in SCHEDULES.items() if fn]
+    return "\n".join(rows)
 
 
 def t_to_sigma(t: np.ndarray, table: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ TWINS = {
     "dpmpp_2m_sde": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++"}),
     "unipc": (UniPCMultistepScheduler, {}),
     "deis": (DEISMultistepScheduler, {}),
-    "plms": (PNDMScheduler, {}),
+    "plms": (PNDMScheduler, {"skip_prk_steps": True}),
     "lcm": (LCMScheduler, {}),
 }
 
@@ -168,7 +168,8 @@ def diffusers_scheduler(sampler: str, cfg: ScheduleConfig, schedule: str = "defa
         return DDPMScheduler(**common, variance_type="fixed_small", clip_sample=False, thresholding=False)
     if sampler in ("dpmpp_2m", "dpmpp_2m_sde"):
         return DPMSolverMultistepScheduler(
-            **common, **TWINS[sampler][1], solver_order=2, solver_type=options.get("solver_type", "midpoint"),
+            **common, **TWINS[sampler][1], solver_order=options.get("order", 2),
+            solver_type=options.get("solver_type", "midpoint"),
             lower_order_final=True, euler_at_final=False, final_sigmas_type="zero",
             **flags,
             thresholding=False)

@@ -13,6 +13,8 @@ settings were defaults, and `from_config` then swaps in the class's own defaults
 
 import itertools
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -26,9 +28,13 @@ from diffusers import (
 from helpers import diffusers_scheduler, sd15
 from sd.samplers import SAMPLERS
 from sd.schedule import (
+    ALIGN_YOUR_STEPS,
+    SCHEDULES,
     ScheduleConfig,
     alphas_cumprod,
+    beta_quantile,
     make_schedule,
+    schedule_table,
     sigma_to_t,
     train_sigmas,
 )
@@ -342,3 +348,167 @@ def test_dpm_karras_sigmas_bitwise():
     ours, ref = pair("dpmpp_2m_karras", sd15(), 20)
     assert torch.equal(ours.timesteps, ref.timesteps.to(torch.float32))
     assert torch.equal(ours.sigmas, ref.sigmas)
+
+
+# --- the twins added with the sampler lab, on their own schedules and diffusers' flags ----------
+# Heun and KDPM2 list each timestep / sigma of a second-order step twice (KDPM2 interleaves its
+# midpoints' timesteps); DDPM keeps no sigmas (sigma of alphas_cumprod at each timestep, final 0).
+# sd's Schedule lists each step once.
+
+TWIN_KINDS = [(s, f) for s in ("heun", "dpm_2", "dpm_2_ancestral", "lms", "ddpm", "dpmpp_2m_sde", "unipc", "deis")
+              for f in ("default", "karras", "exponential", "beta") if s != "ddpm" or f == "default"]
+TWIN_KINDS += [("euler", "exponential"), ("euler", "beta"), ("dpmpp_2m", "exponential"), ("dpmpp_2m", "beta")]
+EULER_LIKE = ("euler", "heun", "dpm_2", "dpm_2_ancestral", "lms")
+
+
+def twin_steps(sampler: str, ref) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timesteps, sigmas) of a diffusers scheduler after set_timesteps, one entry per step."""
+    t = ref.timesteps.to(torch.float32)
+    if sampler == "ddpm":
+        return t, torch.cat([ddim_sigma(ref.alphas_cumprod, ref.timesteps), torch.zeros(1)])
+    if sampler == "heun":
+        return torch.cat([t[:1], t[1::2]]), torch.cat([ref.sigmas[:1], ref.sigmas[1::2]])
+    if sampler in ("dpm_2", "dpm_2_ancestral"):
+        return t[::2], torch.cat([ref.sigmas[:1], ref.sigmas[1:-1:2]])
+    return t, ref.sigmas
+
+
+KDPM2 = ("dpm_2", "dpm_2_ancestral")
+SLOW = bool(os.environ.get("SD_SLOW_TESTS"))
+
+
+@pytest.mark.parametrize("sampler,schedule", TWIN_KINDS, ids=[f"{s}+{f}" for s, f in TWIN_KINDS])
+def test_twin_timesteps_sigmas_and_noise(sampler, schedule):
+    """Timesteps exactly; sigmas to rtol 1e-6 (the beta flag's: 1e-6 relative to sigma_max, where
+    float32 rounding of the quantile sum leaves the smallest at ~3e-7 absolute); the starting
+    noise as diffusers' init_noise_sigma, in sigma space. KDPM2's constructor takes 0.3 s: by
+    default each of its kinds runs one (spacing, betas) pair, the kinds taking turns (SD_SLOW_TESTS=1:
+    all). DEIS's flags in one step: test_samplers.py::test_deis_flag_in_one_step."""
+    configs = list(itertools.product(SPACINGS, BETAS))
+    if sampler in KDPM2 and not SLOW:
+        configs = [configs[TWIN_KINDS.index((sampler, schedule)) % len(configs)]]
+    for spacing, beta_schedule in configs:
+        cfg = sd15(timestep_spacing=spacing, beta_schedule=beta_schedule)
+        ref = diffusers_scheduler(sampler, cfg, schedule)
+        for n in STEPS if sampler != "deis" or schedule == "default" else STEPS[1:]:
+            ours = make_schedule(sampler, cfg, n, schedule)
+            ref.set_timesteps(n)
+            timesteps, sigmas = twin_steps(sampler, ref)
+            msg = f"{spacing}, {beta_schedule}, n={n}"
+            assert torch.equal(ours.timesteps, timesteps), (msg, ours.timesteps, timesteps)
+            torch.testing.assert_close(ours.sigmas, sigmas.to(torch.float32), rtol=1e-6,
+                                       atol=1e-6 * float(sigmas[0]) if schedule == "beta" else 0, msg=msg)
+            if sampler in EULER_LIKE:
+                assert not ours.variance_preserving
+                assert ours.noise_scale == pytest.approx(float(ref.init_noise_sigma), rel=1e-6), msg
+            else:
+                assert ours.variance_preserving and ref.init_noise_sigma == 1.0
+                assert ours.noise_scale == pytest.approx(math.sqrt(1 + float(sigmas[0]) ** 2), rel=1e-6), msg
+
+
+def test_deis_ends_at_sigma_min():
+    """DEIS's runs end at sigma(t=0), diffusers' DEIS default (it has no final_sigmas_type), on every
+    schedule; Schedule.to_latents then brings the result back to diffusers' variance-preserving scale."""
+    cfg = sd15()
+    sigma_min = float(train_sigmas(cfg)[0])
+    for schedule in SCHEDULES:
+        sched = make_schedule("deis", cfg, 8, schedule)
+        assert float(sched.sigmas[-1]) == pytest.approx(sigma_min, rel=1e-6), schedule
+        x = torch.ones(1)
+        torch.testing.assert_close(sched.to_latents(x), x / (1 + sched.sigmas[-1] ** 2) ** 0.5)
+
+
+# --- the schedules without a diffusers flag: ComfyUI's and NVIDIA's definitions ---------------
+# No package ships ComfyUI's schedulers, so its definitions (comfy/samplers.py: simple_scheduler,
+# ddim_scheduler, normal_scheduler(sgm=True); comfy_extras/nodes_align_your_steps.py) are written
+# out below loop by loop, on the model's training sigmas, and sd's vectorised ones must agree.
+
+def comfy_simple(table, n):
+    stride = len(table) / n
+    return [float(table[-(1 + int(x * stride))]) for x in range(n)] + [0.0]
+
+
+def comfy_ddim_uniform(table, n):
+    sigs, x, stride = [0.0], 1, max(len(table) // n, 1)
+    while x < len(table):
+        sigs.append(float(table[x]))
+        x += stride
+    return sigs[::-1]
+
+
+def comfy_sgm_uniform(table, n):
+    log_table = torch.from_numpy(np.log(table))
+    start, end = int(np.abs(np.log(table[-1]) - np.log(table)).argmin()), 0  # timestep(sigma_max), (sigma_min)
+    sigs = []
+    for t in torch.linspace(start, end, n + 1)[:-1]:
+        low, high, w = int(t.floor()), int(t.ceil()), float(t.frac())
+        sigs.append(float(((1 - w) * log_table[low] + w * log_table[high]).exp()))
+    return sigs + [0.0]
+
+
+def ays_loglinear(levels, count):
+    xs, ys = np.linspace(0, 1, len(levels)), np.log(levels[::-1])
+    return np.exp(np.interp(np.linspace(0, 1, count), xs, ys))[::-1]
+
+
+@pytest.mark.parametrize("schedule,reference", [("simple", comfy_simple), ("ddim_uniform", comfy_ddim_uniform),
+                                                ("sgm_uniform", comfy_sgm_uniform)])
+def test_comfyui_schedules(schedule, reference):
+    for beta_schedule, n in itertools.product(BETAS, STEPS + (3, 6, 13, 999, 1000)):
+        cfg = sd15(beta_schedule=beta_schedule)
+        expected = torch.tensor(reference(train_sigmas(cfg), n), dtype=torch.float32)
+        for sampler in ("euler", "dpmpp_2m"):  # the same sigmas whatever the sampler's family
+            ours = make_schedule(sampler, cfg, n, schedule)
+            torch.testing.assert_close(ours.sigmas, expected, rtol=1e-6, atol=0, msg=f"{sampler} n={n}")
+            assert len(ours.timesteps) == len(ours.sigmas) - 1
+    # ComfyUI's ddim_uniform steps every T//n-th training sigma up from t = 1: n + 1 steps for n = 7.
+    assert len(make_schedule("euler", sd15(), 7, "ddim_uniform").timesteps) == 8
+
+
+@pytest.mark.parametrize("model", ["sd15", "sdxl"])
+def test_align_your_steps(model):
+    """NVIDIA's list as published for 10 steps; other counts interpolate it log-linearly to n + 1
+    levels (the last, where the run ends, set to 0); n = 20 keeps every published level."""
+    published = np.array(ALIGN_YOUR_STEPS[model])
+    assert published[0] == pytest.approx(float(train_sigmas(sd15())[-1]), rel=1e-6)  # sigma_max of SD's table
+    for n in (1, 2, 4, 7, 10, 20, 25, 50):
+        ours = make_schedule("euler", sd15(), n, "align_your_steps", model=model).sigmas
+        levels = published if n == 10 else ays_loglinear(published, n + 1)
+        expected = torch.tensor(np.concatenate([levels[:-1], [0.0]]), dtype=torch.float32)
+        torch.testing.assert_close(ours, expected, rtol=1e-6, atol=0, msg=f"n={n}")
+        if n == 20:
+            torch.testing.assert_close(ours[:-1:2], torch.tensor(published[:-1], dtype=torch.float32))
+
+
+def test_beta_quantile_matches_scipy():
+    """sd's own inverse of the regularized incomplete beta function, against scipy.stats.beta.ppf
+    (what diffusers' use_beta_sigmas calls) to 1e-13 relative on the nearer tail; far in the lower
+    tail, where scipy's root finder gives up (it warns), against its forward function: I_x(a, b) = p."""
+    from scipy.special import betainc
+    from scipy.stats import beta
+
+    for a, b in [(0.6, 0.6), (0.5, 2.0), (2.0, 3.0), (0.3, 0.9), (1.0, 1.0), (5.0, 0.7)]:
+        for p in np.linspace(0, 1, 401):
+            ours, ref = beta_quantile(float(p), a, b), float(beta.ppf(p, a, b))
+            assert abs(ours - ref) <= 1e-13 * min(ref, 1 - ref) + 1e-300, (a, b, p, ours, ref)
+        for p in (1e-12, 1e-9, 1e-6):  # (the upper tail is this one of Beta(b, a), by symmetry)
+            assert betainc(a, b, beta_quantile(p, a, b)) == pytest.approx(p, rel=1e-12)
+
+
+def test_schedules_on_explicit_steps_are_descending():
+    """Every schedule on every sampler family: descending sigmas, the UNet told a timestep for each."""
+    for (name, spec), schedule in itertools.product(SAMPLERS.items(), SCHEDULES):
+        if spec.timesteps == "lcm" and schedule != "default":
+            continue  # LCM's schedule is its distillation's: test_lcm
+        for n in (1, 5, 30):
+            sched = make_schedule(name, sd15(), n, schedule)
+            assert torch.all(sched.sigmas[:-1] > sched.sigmas[1:]) or spec.timesteps == "deis", (name, schedule)
+            assert torch.all(sched.sigmas[:-1] >= sched.sigmas[1:]) and sched.sigmas[-1] >= 0
+            assert len(sched.timesteps) == len(sched.sigmas) - 1 and torch.all(sched.timesteps >= 0)
+
+
+def test_readme_schedule_table_is_the_registry():
+    readme = (Path(__file__).parent.parent / "README.md").read_text().splitlines()
+    start = readme.index(schedule_table().splitlines()[0])
+    rows = list(itertools.takewhile(lambda line: line.startswith("|"), readme[start:]))
+    assert "\n".join(rows) == schedule_table()
