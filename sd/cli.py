@@ -1,10 +1,14 @@
 """Command line: `sd generate`, `sd models`, `sd download`, `sd serve`."""
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
 
+from .images import read_image
+from .lora import parse_lora_flag
 from .pngmeta import png_metadata
 from .samplers import sampler_names
 from .schedule import SCHEDULES
@@ -48,38 +52,162 @@ def default_model(reg) -> str:
     return str(CHECKPOINT)
 
 
-def cmd_generate(args) -> int:
+# generate()'s argument -> the flag that sets it, so errors name what the user typed.
+FLAGS = {"prompt": "PROMPT", "negative_prompt": "--negative-prompt", "width": "--width", "height": "--height",
+         "num_steps": "--steps", "guidance": "--guidance", "seed": "--seed", "sampler": "--sampler",
+         "schedule": "--schedule", "sampler_options": "--sampler-option", "strength": "--strength",
+         "keep_unmasked": "--keep-unmasked", "clip_skip": "--clip-skip", "num_images": "--num-images",
+         "image": "--image", "mask": "--mask", "dtype": "--dtype", "lightning_steps": "--lightning-steps"}
+OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
+# Past this many times the model's native area, steps get slow and pictures repeat themselves.
+LARGE_AREA = 4
+
+
+class CLIError(Exception):
+    """A one-line error about the command line; the message names the flag."""
+
+
+def flagged(message: str) -> str:
+    """`num_steps: must be ...` -> `--steps: must be ...`."""
+    name, sep, rest = message.partition(":")
+    return f"{FLAGS[name]}:{rest}" if sep and name in FLAGS else message
+
+
+def output_paths(output: str, count: int) -> list[Path]:
+    """Where the pictures go, checked before any slow work: a file name with a picture extension,
+    not a directory or a device, in a folder that can be written. Several images: out-1.png, ..."""
+    out = Path(output)
+    if out.suffix.lower() not in OUTPUT_FORMATS:
+        raise CLIError(f"-o: {output}: needs a picture file extension ({', '.join(OUTPUT_FORMATS)})")
+    paths = [out] if count == 1 else [out.with_name(f"{out.stem}-{k}{out.suffix}") for k in range(1, count + 1)]
+    for path in paths:
+        if path.exists() and not path.is_file():
+            raise CLIError(f"-o: {path}: exists and is not a regular file")
+    folder = out.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"-o: {output}: cannot create its folder ({e.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise CLIError(f"-o: {output}: its folder {folder} is not writable")
+    return paths
+
+
+def check_device(name: str | None) -> str | None:
+    """--device parsed and present on this machine, before loading anything."""
+    if name is None:
+        return None
+    import torch
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device: {name!r} is not a device (cpu, cuda, cuda:1, mps ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device: {name}: CUDA is not available here (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device: {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise CLIError(f"--device: {name}: MPS is not available here")
+    elif device.type not in ("cpu", "cuda", "mps"):
+        raise CLIError(f"--device: {name}: sd runs on cpu, cuda or mps")
+    return name
+
+
+def sampler_options(pairs: list[str] | None) -> dict:
+    """["eta=0.5", "solver_type=heun"] -> {"eta": 0.5, "solver_type": "heun"}: numbers and
+    true/false as such, anything else as text."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--sampler-option: expected NAME=VALUE, got {pair!r}")
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        options[key] = value
+    return options
+
+
+def generation_arguments(args) -> dict:
+    """generate()'s keyword arguments from the flags, checked as far as they can be without the model."""
+    from .defaults import Defaults
+    from .request import check
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(args, name)
+        if text is not None and not _is_text(text):
+            raise CLIError(f"{FLAGS[name]}: is not valid UTF-8 text (check the shell's encoding)")
+    kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
+                  width=args.width, height=args.height, num_steps=args.steps, guidance=args.guidance, seed=args.seed,
+                  sampler=args.sampler, schedule=args.schedule, sampler_options=sampler_options(args.sampler_option),
+                  strength=args.strength, keep_unmasked=args.keep_unmasked, clip_skip=args.clip_skip,
+                  prompt_style="weighted" if args.weighted else None)
+    # The same checks generate() makes, on a stand-in model, so a typo costs no model load.
+    check(Defaults(), multiple=8, sdxl=False, has_image=args.image is not None, has_mask=args.mask is not None,
+          **kwargs)
+    return kwargs
+
+
+def _is_text(text: str) -> bool:
+    try:
+        text.encode("utf-8")  # bytes that were not UTF-8 reach Python as lone surrogates
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def load_pipeline(args, model: str, loras: list):
     import sd
+    from .registry import load_model
+    started = time.perf_counter()
+    print(f"loading {model}" + "".join(f" + LoRA {path} x{scale:g}" for path, scale in loras), file=sys.stderr)
+    if model.startswith("@cf/"):
+        if args.unet or args.lightning_steps:
+            raise CLIError("--unet / --lightning-steps: a Workers AI id brings its own UNet and settings")
+        pipe = load_model(model, registry(args), device=args.device, dtype=args.dtype)
+        for path, scale in loras:
+            pipe.load_lora(path, scale)
+    else:
+        pipe = sd.load(model, unet=args.unet, device=args.device, dtype=args.dtype,
+                       lightning_steps=args.lightning_steps, loras=loras)
+    print(f"loaded in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return pipe
+
+
+def cmd_generate(args) -> int:
     inputs = {name: path for name, path in (("image", args.image), ("mask", args.mask)) if path is not None}
     for name, path in inputs.items():  # before loading the model, which takes a while
-        if not Path(path).exists():
-            raise ValueError(f"{name}: no such file: {path}")
-    from .registry import load_model
+        if not Path(path).is_file():
+            raise CLIError(f"--{name}: no such file: {path}")
+        read_image(path, name)
+    kwargs = generation_arguments(args)
+    loras = [parse_lora_flag(text) for text in args.lora or []]
+    paths = output_paths(args.output, args.num_images or 1)
+    check_device(args.device)
     model = args.model or default_model(registry(args))
     if model == "tiny":
         model = str(CHECKPOINT)
-    if model.startswith("@cf/"):
-        if args.unet or args.lightning_steps:
-            raise ValueError("--unet / --lightning-steps: a Workers AI id brings its own UNet and settings")
-        print(f"loading {model}", file=sys.stderr)
-        pipe = load_model(model, registry(args), device=args.device, dtype=args.dtype)
-    else:
-        print(f"loading {model}", file=sys.stderr)
-        pipe = sd.load(model, unet=args.unet, device=args.device, dtype=args.dtype,
-                       lightning_steps=args.lightning_steps)
-    image = pipe.generate(args.prompt, negative_prompt=args.negative_prompt, width=args.width, height=args.height,
-                          num_steps=args.steps, guidance=args.guidance, seed=args.seed, sampler=args.sampler,
-                          schedule=args.schedule, image=args.image, mask=args.mask, strength=args.strength,
-                          keep_unmasked=args.keep_unmasked, clip_skip=args.clip_skip,
-                          prompt_style="weighted" if args.weighted else None, callback=ProgressBar())
-    settings = image.info["sd"]
-    if settings.get("prompt_tokens_dropped"):
-        print(f"warning: the prompt's last {settings['prompt_tokens_dropped']} tokens were dropped (the text encoder "
-              "reads 75); --weighted keeps them, encoding long prompts in chunks of 75", file=sys.stderr)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out, pnginfo=png_metadata({**settings, **inputs}, model))
-    print(f"wrote {out} (seed {settings['seed']})", file=sys.stderr)
+    pipe = load_pipeline(args, model, loras)
+    width, height = args.width or pipe.defaults.width, args.height or pipe.defaults.height
+    if width * height > LARGE_AREA * pipe.sample_size ** 2:
+        print(f"warning: {width}x{height} is {width * height / pipe.sample_size ** 2:.0f}x the model's native "
+              f"{pipe.sample_size}x{pipe.sample_size} area: each step is that much slower, and pictures this far "
+              "past the training size tend to repeat their subject", file=sys.stderr)
+    print(f"generating {width}x{height}" + (f" from {args.image}" if args.image else ""), file=sys.stderr)
+    result = pipe.generate(**kwargs, image=args.image, mask=args.mask, callback=ProgressBar())
+    images = result if isinstance(result, list) else [result]
+    for image, path in zip(images, paths):
+        settings = image.info["sd"]
+        if settings.get("prompt_tokens_dropped"):
+            print(f"warning: the prompt's last {settings['prompt_tokens_dropped']} tokens were dropped (the text "
+                  "encoder reads 75); --weighted keeps them, encoding long prompts in chunks of 75", file=sys.stderr)
+        try:
+            image.save(path, format=OUTPUT_FORMATS[path.suffix.lower()],
+                       pnginfo=png_metadata({**settings, **inputs}, model))
+        except OSError as e:
+            raise CLIError(f"-o: {path}: cannot write it ({e.strerror or e})") from None
+        print(f"wrote {path} (seed {settings['seed']})", file=sys.stderr)
     return 0
 
 
@@ -118,13 +246,16 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="make an image from a prompt")
     g.add_argument("prompt")
-    g.add_argument("-o", "--output", default="out.png", help="PNG to write (default: out.png)")
+    g.add_argument("-o", "--output", default="out.png",
+                   help="picture to write, .png (settings in its metadata), .jpg or .webp (default: out.png)")
     g.add_argument("--model", help="a .safetensors checkpoint, a diffusers folder, a Workers AI id (`sd models` "
                                    "lists them), or `tiny` (default: SD 1.5 when downloaded, else the first model "
                                    "downloaded, else the tiny shapes model shipped with sd)")
     g.add_argument("--unet", help="a UNet-only .safetensors file replacing the model's (e.g. SDXL-Lightning)")
     g.add_argument("--lightning-steps", type=int,
                    help="steps the --unet was distilled for, when its file name doesn't say (..._4step_...)")
+    g.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="merge a LoRA (kohya-ss or diffusers/PEFT .safetensors) at SCALE (default 1); repeatable")
     g.add_argument("--negative-prompt")
     g.add_argument("--image", help="start from this picture (img2img; with --mask, inpainting)")
     g.add_argument("--mask", help="inpainting mask for --image: white = repaint, black = keep")
@@ -142,10 +273,14 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--steps", type=int, help="sampling steps (default: the model's; 50 for plain files)")
     g.add_argument("--guidance", type=float, help="classifier-free guidance scale; > 1 enables it (default 7.5)")
     g.add_argument("--seed", type=int, help="random seed (default: random, recorded in the PNG)")
+    g.add_argument("--num-images", type=int, metavar="N",
+                   help="N images in one batch, seeds --seed, --seed+1, ...; written as OUT-1.png ... OUT-N.png")
     g.add_argument("--sampler", choices=sampler_names(),
                    help="default: the model's scheduler, else euler; lcm for LCM-distilled models (few steps)")
     g.add_argument("--schedule", choices=list(SCHEDULES),
                    help="how the steps' noise levels are spread (default: the model's, i.e. the sampler's own)")
+    g.add_argument("--sampler-option", action="append", metavar="NAME=VALUE",
+                   help="an option of the sampler, e.g. eta=0.5 or s_churn=10 (repeatable; see docs/SAMPLERS.md)")
     g.add_argument("--clip-skip", type=int, metavar="N",
                    help="read the text encoder's output N layers before its last, for the prompt (diffusers' "
                         "clip_skip; A1111's 'Clip skip 2' is 1)")
@@ -176,11 +311,18 @@ def main(argv=None) -> int:
         from .serve.cli import main as serve
         return serve(argv[1:])
     args = parser().parse_args(argv)
+    from .registry import UnknownModel
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:  # bad input, missing weights: no traceback
+    except CLIError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (ValueError, FileNotFoundError, UnknownModel) as e:  # bad input, missing weights: no traceback
+        print(f"error: {flagged(str(e))}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def _number(name, value, low, high):
 
 def _whole(name, value, low, high=None):
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        rule = f"in [{low}, {high}]" if high is not None else f"at least {low}"
+        rule = f"in [{low}, {high}]" if high is not None else f"of at least {low}"
         raise InputError(f"{name}: must be a whole number {rule}, got {value!r}")
     return value
 
@@ -145,6 +145,8 @@ def check(defaults: Defaults, *, multiple: int, sdxl: bool, has_image: bool, has
     schedule = check_schedule(implied or schedule or defaults.schedule)
     if sigmas is not None:
         sigmas = tuple(float(s) for s in check_sigmas(sigmas))
+    if has_mask and not has_image:
+        raise InputError("mask: needs an image to inpaint (pass image= as well)")
     if strength is not None and not has_image:
         raise InputError("strength: only applies with an image (img2img or inpainting)")
     if has_image:

@@ -1,6 +1,7 @@
 """`sd generate` end to end on a tiny single-file checkpoint made from our own modules."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -85,7 +86,7 @@ def test_bad_size_is_a_clear_error_not_a_traceback(tiny_checkpoint, tmp_path, ca
     assert main(["generate", "a cat", "--model", str(tiny_checkpoint), "--width", "50",
                  "-o", str(tmp_path / "o.png")]) == 2
     err = capsys.readouterr().err
-    assert "width: must be a positive multiple of 8, got 50" in err and "Traceback" not in err
+    assert "--width: must be a positive multiple of 8, got 50" in err and "Traceback" not in err
 
 
 def test_img2img_takes_the_image_size_and_records_strength(tiny_checkpoint, picture, tmp_path):
@@ -134,13 +135,13 @@ def test_lcm_sampler(tiny_checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--mask", "{mask}"], "mask: needs an image to inpaint"),
-    (["--image", "{picture}", "--strength", "1.5"], "strength: must be a number in [0, 1], got 1.5"),
-    (["--strength", "0.5"], "strength: only applies with an image"),
-    (["--image", "{picture}", "--keep-unmasked"], "keep_unmasked: only applies to inpainting"),
-    (["--image", "{text}"], "image: not a readable image (PNG, JPEG or WebP expected)"),
-    (["--image", "{tmp}/nope.png"], "image: no such file: {tmp}/nope.png"),
-    (["--image", "{picture}", "--mask", "{tmp}/nope.png"], "mask: no such file: {tmp}/nope.png"),
+    (["--mask", "{mask}"], "--mask: needs an image to inpaint"),
+    (["--image", "{picture}", "--strength", "1.5"], "--strength: must be a number in [0, 1], got 1.5"),
+    (["--strength", "0.5"], "--strength: only applies with an image"),
+    (["--image", "{picture}", "--keep-unmasked"], "--keep-unmasked: only applies to inpainting"),
+    (["--image", "{text}"], "--image: not a readable image (PNG, JPEG or WebP expected)"),
+    (["--image", "{tmp}/nope.png"], "--image: no such file: {tmp}/nope.png"),
+    (["--image", "{picture}", "--mask", "{tmp}/nope.png"], "--mask: no such file: {tmp}/nope.png"),
 ])
 def test_bad_image_options_are_one_line_errors(tiny_checkpoint, picture, mask, tmp_path, capsys, args, message):
     text = tmp_path / "notes.txt"
@@ -159,3 +160,117 @@ def test_console_entry_point_runs():
     text = " ".join(done.stdout.split())  # undo argparse's line wrapping
     for option in ("--image", "--mask", "--strength", "--keep-unmasked", "lcm", "int(steps * strength) steps"):
         assert option in text
+
+
+# ---------------------------------------------------------------- one-line errors, before any slow work
+# (issue 16, items 8 and 10-13: each failed, or came after a full load, before.)
+
+
+def loads(err: str) -> bool:
+    return "loading" in err
+
+
+@pytest.mark.parametrize("device, message", [
+    ("foo", "--device: 'foo' is not a device"),
+    pytest.param("cuda", "--device: cuda: CUDA is not available here", marks=pytest.mark.skipif(
+        torch.cuda.is_available(), reason="this machine has CUDA")),
+])
+def test_a_bad_device_is_one_line_before_loading(tiny_checkpoint, tmp_path, capsys, device, message):
+    assert main(["generate", "a cat", "--model", str(tiny_checkpoint), "--device", device,
+                 "-o", str(tmp_path / "o.png")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not loads(err)
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line(tiny_checkpoint, tmp_path):
+    """A byte that is not UTF-8 (`$'a red \\xff circle'` in bash) reaches Python as a lone surrogate."""
+    done = subprocess.run([sys.executable.encode(), b"-m", b"sd", b"generate", b"a red \xff circle",
+                           b"--model", str(tiny_checkpoint).encode(), b"-o", str(tmp_path / "o.png").encode()],
+                          capture_output=True)
+    err = done.stderr.decode("utf-8", "replace")
+    assert done.returncode == 2 and "PROMPT: is not valid UTF-8 text" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("output, message", [
+    ("{tmp}", "-o: {tmp}: needs a picture file extension"),
+    ("{tmp}/noextension", "-o: {tmp}/noextension: needs a picture file extension"),
+    ("{tmp}/adir.png", "-o: {tmp}/adir.png: exists and is not a regular file"),
+    ("/dev/full.png", "-o: /dev/full.png: its folder /dev is not writable"),
+])
+def test_the_output_path_is_checked_before_loading(tiny_checkpoint, tmp_path, capsys, output, message):
+    (tmp_path / "adir.png").mkdir()
+    if output.startswith("/dev/") and os.access("/dev", os.W_OK):
+        pytest.skip("/dev is writable here (running as root)")
+    assert main(["generate", "a cat", "--model", str(tiny_checkpoint), "-o", output.format(tmp=tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message.format(tmp=tmp_path) in err and "Traceback" not in err and not loads(err)
+
+
+def test_a_device_file_is_not_an_output(tiny_checkpoint, tmp_path, capsys):
+    """`-o /dev/full`: not a picture file name; a device with an extension is no regular file either."""
+    assert main(["generate", "a cat", "--model", str(tiny_checkpoint), "-o", "/dev/full"]) == 2
+    assert "-o: /dev/full: needs a picture file extension" in capsys.readouterr().err
+    device = tmp_path / "null.png"
+    os.symlink("/dev/null", device)
+    assert main(["generate", "a cat", "--model", str(tiny_checkpoint), "-o", str(device)]) == 2
+    assert f"-o: {device}: exists and is not a regular file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--guidance", "1e30"], "--guidance: must be a number in [0, 100], got 1e+30"),
+    (["--guidance", "-50"], "--guidance: must be a number in [0, 100], got -50.0"),
+    (["--steps", "0"], "--steps: must be a whole number of at least 1, got 0"),
+    (["--seed", "-1"], "--seed: must be a whole number in [0, 18446744073709551615], got -1"),
+    (["--clip-skip", "-2"], "--clip-skip: must be a whole number of at least 0, got -2"),
+    (["--sampler", "euler", "--sampler-option", "eta=1"], "--sampler-option: euler takes no option 'eta'"),
+    (["--sampler-option", "eta"], "--sampler-option: expected NAME=VALUE, got 'eta'"),
+    (["--num-images", "0"], "--num-images: must be a whole number of at least 1, got 0"),
+])
+def test_flag_errors_name_the_flag_before_loading(tiny_checkpoint, tmp_path, capsys, flags, message):
+    assert main(["generate", "a cat", "--model", str(tiny_checkpoint), "-o", str(tmp_path / "o.png"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and not loads(err)
+
+
+def test_large_sizes_warn_and_show_progress_from_the_start(tmp_path, capsys):
+    """The shipped tiny model's native side is 64: 256x256 is 16x its area. The user hears about it,
+    and about loading and generating, before the first step."""
+    assert main(["generate", "a red circle", "--model", "tiny", "-o", str(tmp_path / "o.png"), "--width", "256",
+                 "--height", "256", "--steps", "1"]) == 0
+    err = capsys.readouterr().err
+    order = [err.index(s) for s in ("loading", "loaded in", "warning: 256x256 is 16x the model's native",
+                                    "generating 256x256", "step 1/1")]
+    assert order == sorted(order), err
+
+
+def test_num_images_writes_one_file_each(tiny_checkpoint, tmp_path):
+    out = tmp_path / "batch.png"
+    assert run(tiny_checkpoint, out, "--num-images", "3") == 0
+    seeds = [json.loads(Image.open(tmp_path / f"batch-{k}.png").text["sd"])["seed"] for k in (1, 2, 3)]
+    assert seeds == [7, 8, 9] and not out.exists()
+
+
+def test_sampler_options_reach_the_sampler(tiny_checkpoint, tmp_path):
+    out = tmp_path / "o.png"
+    assert run(tiny_checkpoint, out, "--sampler", "euler_a", "--sampler-option", "eta=0.5") == 0
+    assert json.loads(Image.open(out).text["sd"])["sampler_options"] == {"eta": 0.5}
+
+
+def test_lora_flag_merges_and_names_its_errors(tmp_path, capsys):
+    """--lora FILE[:SCALE] gives the picture sd.load(..., loras=...) gives; a missing file is one line."""
+    gen = torch.Generator().manual_seed(0)
+    layer = "lora_unet_input_blocks_1_1_transformer_blocks_0_attn1_to_q"  # kohya, single-file names
+    lora = tmp_path / "style.safetensors"
+    save_file({f"{layer}.lora_down.weight": torch.randn(4, 64, generator=gen),
+               f"{layer}.lora_up.weight": torch.randn(64, 4, generator=gen), f"{layer}.alpha": torch.tensor(4.0)},
+              str(lora))
+    out = tmp_path / "o.png"
+    assert main(["generate", "a red circle", "--model", "tiny", "-o", str(out), "--seed", "3", "--steps", "4",
+                 "--lora", f"{lora}:0.8"]) == 0
+    expected = sd.load(sd.tiny.CHECKPOINT, loras=[(lora, 0.8)]).generate("a red circle", seed=3, num_steps=4)
+    plain = sd.load(sd.tiny.CHECKPOINT).generate("a red circle", seed=3, num_steps=4)
+    assert np.array_equal(np.asarray(Image.open(out).convert("RGB")), np.asarray(expected))
+    assert not np.array_equal(np.asarray(expected), np.asarray(plain)), "the LoRA changed nothing"
+    assert main(["generate", "a cat", "--model", "tiny", "-o", str(out), "--lora", str(tmp_path / "no.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert "--lora: " in err and "no such LoRA file" in err and "Traceback" not in err
