@@ -248,7 +248,8 @@ def run_child(cmd: list[str], timeout: float, log, env: dict | None = None) -> d
     """Run `cmd` in a session of its own; on timeout kill its whole process group (inductor's
     compile workers too). Returns {"status": "ok" | "failed (exit N)" | "timed out after N s", "seconds"}."""
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                            preexec_fn=die_with_parent)
     try:
         code = proc.wait(timeout=timeout)
         status = "ok" if code == 0 else f"failed (exit {code})"
@@ -257,6 +258,14 @@ def run_child(cmd: list[str], timeout: float, log, env: dict | None = None) -> d
         proc.wait()
         status = f"timed out after {timeout:.0f} s"
     return {"status": status, "seconds": round(time.monotonic() - start, 1)}
+
+
+def die_with_parent():
+    """In the child, before it runs: be killed when this script dies. Its own session would
+    otherwise outlive a kill of the run call's command, holding the GPU into a rerun."""
+    if sys.platform == "linux":
+        import ctypes
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 # ---------------------------------------------------------------- the children

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,32 @@ def test_a_step_past_its_time_is_killed_with_what_it_started(tmp_path):
     grandchild = int(pid_file.read_text())
     stat = Path(f"/proc/{grandchild}/stat")
     assert not stat.exists() or stat.read_text().split(")")[1].split()[0] == "Z"  # gone, or dead unreaped
+
+
+def test_a_step_dies_with_the_script(tmp_path):
+    """Should the run call's command be killed, its step must not run on in its own session."""
+    pid_file = tmp_path / "pid"
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import sys; sys.path.insert(0, {str(ROOT / 'scripts')!r})
+import gpu_check
+gpu_check.run_child(["sh", "-c", "echo $$ > {pid_file}.part && mv {pid_file}.part {pid_file} && exec sleep 600"],
+                    600, open({str(tmp_path / 'log')!r}, "w"))
+"""])
+    try:
+        wait_for(pid_file.exists, "the step to start")
+    finally:
+        parent.kill()
+        parent.wait()
+    step = Path(f"/proc/{int(pid_file.read_text())}/stat")
+    wait_for(lambda: not step.exists() or step.read_text().split(")")[1].split()[0] == "Z", "the step to die")
+
+
+def wait_for(condition, what: str, limit_s: float = 120):
+    """Poll for a state; the limit only bounds a test that would otherwise hang."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"waited {limit_s} s for {what}"
+        time.sleep(0.05)
 
 
 def test_wrapper_runs_the_script():
