@@ -53,6 +53,25 @@ def test_generate_stops_inside_its_first_step(pipe):
     assert steps == []  # no sampler step finished: the stop came from inside the UNet
 
 
+def test_a_large_attention_runs_in_chunks_that_can_be_stopped(monkeypatch):
+    """Past ATTENTION_CHUNK query-key pairs one attention call is minutes of work on a CPU: it
+    runs in chunks of query rows, checkpoints between them, with the numbers of one call."""
+    from sd import unet
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 4, n, 16, generator=g) for n in (300, 200, 200))
+    whole = unet.attention(q, k, v)
+    monkeypatch.setattr(unet, "ATTENTION_CHUNK", 2 * 4 * 200 * 7)  # 7 query rows a call: 43 calls
+    count = TripAfter(10 ** 9)
+    with interruptible(count):
+        chunked = unet.attention(q, k, v)
+    assert count.calls == 43
+    torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+    check = TripAfter(5)
+    with interruptible(check), pytest.raises(Interrupted):
+        unet.attention(q, k, v)
+    assert check.calls == 5
+
+
 @pytest.mark.parametrize("tile", [None, 4])
 def test_the_vae_stops_between_its_blocks_and_tiles(pipe, tile):
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
