@@ -38,6 +38,12 @@ def text_model(sd: StateDict) -> StateDict:
     return {k.removeprefix("text_model."): v for k, v in sd.items() if not SKIPPED.search(k)}
 
 
+def hf_text_model(sd: StateDict) -> StateDict:
+    """The inverse of `text_model`: our CLIP tensors -> transformers' names, under `text_model.`
+    but for the projection (CLIPTextModelWithProjection keeps `text_projection` at the top)."""
+    return {(k if k.startswith("text_projection.") else "text_model." + k): v for k, v in sd.items()}
+
+
 # The layers our models are made of; each draws random weights in its constructor.
 INITIALISED_LAYERS = (torch.nn.Linear, torch.nn.Conv2d, torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.Embedding)
 _no_init_lock = threading.Lock()
@@ -209,8 +215,49 @@ def _resnet(rest: str) -> str:
     return f"{RESNET.get(layer, layer)}.{param}"
 
 
-VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
-            "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # second row: old diffusers names
+def unet_to_diffusers(sd: StateDict, config: UNetConfig) -> StateDict:
+    """The inverse of `unet_from_diffusers`: LDM `input_blocks.4.1.proj_in` -> diffusers
+    `down_blocks.1.attentions.0.proj_in`, and so on, for a UNet of `config`."""
+    n = config.num_res_blocks
+    up_has_attn = {b for b, depth in enumerate(reversed(config.transformer_depth)) if depth}
+    top = {new: old for old, new in UNET_TOP.items()}
+
+    def rename(key: str) -> str:
+        for new, old in top.items():
+            if key.startswith(new + "."):
+                return old + key[len(new):]
+        if m := re.match(r"input_blocks\.(\d+)\.0\.op\.(.*)", key):
+            return f"down_blocks.{int(m[1]) // (n + 1) - 1}.downsamplers.0.conv.{m[2]}"
+        if m := re.match(r"input_blocks\.(\d+)\.([01])\.(.*)", key):
+            b, j = divmod(int(m[1]) - 1, n + 1)
+            if m[2] == "1":
+                return f"down_blocks.{b}.attentions.{j}.{m[3]}"
+            return f"down_blocks.{b}.resnets.{j}.{_ldm_resnet(m[3])}"
+        if m := re.match(r"output_blocks\.(\d+)\.([012])\.(.*)", key):
+            b, j = divmod(int(m[1]), n + 1)
+            if m[2] == "0":
+                return f"up_blocks.{b}.resnets.{j}.{_ldm_resnet(m[3])}"
+            if m[2] == "1" and b in up_has_attn:
+                return f"up_blocks.{b}.attentions.{j}.{m[3]}"
+            return f"up_blocks.{b}.upsamplers.0.{m[3]}"
+        if m := re.match(r"middle_block\.1\.(.*)", key):
+            return f"mid_block.attentions.0.{m[1]}"
+        if m := re.match(r"middle_block\.([02])\.(.*)", key):
+            return f"mid_block.resnets.{int(m[1]) // 2}.{_ldm_resnet(m[2])}"
+        raise KeyError(f"{key}: not a UNet tensor name")
+
+    return {rename(k): v for k, v in sd.items()}
+
+
+def _ldm_resnet(rest: str) -> str:
+    for old, new in RESNET.items():
+        if rest.startswith(new + "."):
+            return old + rest[len(new):]
+    return rest
+
+
+VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+VAE_ATTN_OLD = {"query": "q", "key": "k", "value": "v", "proj_attn": "proj_out"}  # old diffusers VAEs' names
 
 
 def vae_from_diffusers(sd: StateDict) -> StateDict:
@@ -222,13 +269,34 @@ def vae_from_diffusers(sd: StateDict) -> StateDict:
         k = key.replace("conv_norm_out", "norm_out").replace("conv_shortcut", "nin_shortcut")
         k = re.sub(r"mid_block\.resnets\.(\d)", lambda m: f"mid.block_{int(m[1]) + 1}", k)
         if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", k):
-            k = f"{m[1]}.mid.attn_1.{VAE_ATTN.get(m[2], m[2])}.{m[3]}"
+            k = f"{m[1]}.mid.attn_1.{VAE_ATTN.get(m[2], VAE_ATTN_OLD.get(m[2], m[2]))}.{m[3]}"
             if v.ndim == 2:
                 v = v[:, :, None, None]
         k = re.sub(r"encoder\.down_blocks\.(\d+)\.resnets", r"encoder.down.\1.block", k)
         k = re.sub(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0", r"encoder.down.\1.downsample", k)
         k = re.sub(r"decoder\.up_blocks\.(\d+)\.(resnets|upsamplers\.0)",
                    lambda m: f"decoder.up.{levels - 1 - int(m[1])}.{'block' if m[2] == 'resnets' else 'upsample'}", k)
+        out[k] = v
+    return out
+
+
+def vae_to_diffusers(sd: StateDict) -> StateDict:
+    """The inverse of `vae_from_diffusers`: LDM `decoder.up.3.block.1` -> diffusers
+    `decoder.up_blocks.0.resnets.1`, the mid-block attention's 1x1 convolutions -> linears."""
+    levels = _count(sd, r"decoder\.up\.(\d+)\.")
+    attn = {new: old for old, new in VAE_ATTN.items()}
+    out = {}
+    for key, v in sd.items():
+        k = key.replace("norm_out", "conv_norm_out").replace("nin_shortcut", "conv_shortcut")
+        k = re.sub(r"mid\.block_(\d)", lambda m: f"mid_block.resnets.{int(m[1]) - 1}", k)
+        if m := re.match(r"(encoder|decoder)\.mid\.attn_1\.(.+)\.(weight|bias)$", k):
+            k = f"{m[1]}.mid_block.attentions.0.{attn[m[2]]}.{m[3]}"
+            if v.ndim == 4:
+                v = v[:, :, 0, 0]
+        k = re.sub(r"encoder\.down\.(\d+)\.block", r"encoder.down_blocks.\1.resnets", k)
+        k = re.sub(r"encoder\.down\.(\d+)\.downsample", r"encoder.down_blocks.\1.downsamplers.0", k)
+        k = re.sub(r"decoder\.up\.(\d+)\.(block|upsample)", lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}."
+                   + ("resnets" if m[2] == "block" else "upsamplers.0"), k)
         out[k] = v
     return out
 
@@ -257,7 +325,7 @@ def openclip_to_hf(sd: StateDict) -> StateDict:
 
 
 def hf_to_openclip(sd_: StateDict) -> StateDict:
-    """The inverse of `openclip_to_hf`, for writing SDXL single files (tests, benchmarks): our
+    """The inverse of `openclip_to_hf`, for writing SDXL single files (sd/save.py): our
     (Hugging Face named) bigG text tower -> OpenCLIP names as SDXL's single file stores them:
     q/k/v fused into `attn.in_proj_*`, `positional_embedding` without `.weight`, and `text_projection`
     as the matrix P used as x @ P, i.e. the transpose of the Linear weight."""
@@ -284,10 +352,17 @@ def hf_to_openclip(sd_: StateDict) -> StateDict:
     return out
 
 
+# Where an official single file keeps each part. CLIP-L in Hugging Face names under `text_model.`;
+# SDXL's bigG in OpenCLIP names (openclip_to_hf / hf_to_openclip).
+UNET_PREFIX, VAE_PREFIX = "model.diffusion_model.", "first_stage_model."
+CLIP_L_PREFIX = {"sd15": "cond_stage_model.transformer.", "sdxl": "conditioner.embedders.0.transformer."}
+BIG_G_PREFIX = "conditioner.embedders.1.model."
+
+
 def unet_prefix(keys: list[str]) -> str:
     """Where a file keeps its UNet: under `model.diffusion_model.` in a full single file,
     at the top level in a UNet-only file."""
-    return "model.diffusion_model." if any(k.startswith("model.diffusion_model.") for k in keys) else ""
+    return UNET_PREFIX if any(k.startswith(UNET_PREFIX) for k in keys) else ""
 
 
 def read_unet_file(path, device="cpu", dtype=None) -> StateDict:
@@ -298,8 +373,8 @@ def read_unet_file(path, device="cpu", dtype=None) -> StateDict:
 
 def unet_state_dict(sd: StateDict, path) -> StateDict:
     """A UNet-only file in either naming (SDXL-Lightning ships diffusers names) -> ours."""
-    if "model.diffusion_model.input_blocks.0.0.weight" in sd:
-        sd = split_prefix(sd, "model.diffusion_model.")
+    if UNET_PREFIX + "input_blocks.0.0.weight" in sd:
+        sd = split_prefix(sd, UNET_PREFIX)
     sd = unet_from_diffusers(sd) if "conv_in.weight" in sd else sd
     if "input_blocks.0.0.weight" not in sd:
         raise CheckpointError(f"unet: {path} is not a UNet file (no conv_in.weight or input_blocks.0.0.weight; "
@@ -323,6 +398,7 @@ class Checkpoint:
     sample_size: int | None = None                # default image side in pixels
     vae_force_upcast: bool = False                # the VAE overflows in float16 (SDXL's does)
     defaults: dict = field(default_factory=dict)  # sampler / num_steps / guidance a preset names (sd/tiny.py)
+    preset: str | None = None                     # that preset's name, which sd.save writes back
     source: str = ""                              # the file or folder, for messages
 
 
@@ -361,7 +437,7 @@ def _check_replacement(unet: StateDict, base_is_sdxl: bool, source):
 
 def read_single_file(path: Path, device="cpu", dtype=None, unet: StateDict | None = None) -> Checkpoint:
     """`unet`: a replacement UNet (our names); the file's own UNet is then not read at all."""
-    skip = "model.diffusion_model." if unet is not None else None
+    skip = UNET_PREFIX if unet is not None else None
     checkpoint = single_file_checkpoint(read_safetensors(path, device, dtype, skip), path, unet)
     return apply_preset(checkpoint, read_metadata(path), path)
 
@@ -371,20 +447,19 @@ def single_file_checkpoint(sd: StateDict, path, unet: StateDict | None = None) -
     if unet is not None:
         _check_replacement(unet, any(k.startswith("conditioner.") for k in sd), path)
     else:
-        unet = split_prefix(sd, "model.diffusion_model.")
+        unet = split_prefix(sd, UNET_PREFIX)
     if not unet:
-        raise CheckpointError(f"{path}: no `model.diffusion_model.*` tensors: not a Stable Diffusion single-file "
+        raise CheckpointError(f"{path}: no `{UNET_PREFIX}*` tensors: not a Stable Diffusion single-file "
                               "checkpoint (a UNet-only file goes to `unet=`)")
     family = detect_family(unet)
     if family == "sdxl":
-        parts = {"CLIP-L text encoder (conditioner.embedders.0.transformer.*)":
-                 text_model(split_prefix(sd, "conditioner.embedders.0.transformer.")),
-                 "OpenCLIP bigG text encoder (conditioner.embedders.1.model.*)":
-                 openclip_to_hf(split_prefix(sd, "conditioner.embedders.1.model."))}
+        clip_l = CLIP_L_PREFIX["sdxl"]
+        parts = {f"CLIP-L text encoder ({clip_l}*)": text_model(split_prefix(sd, clip_l)),
+                 f"OpenCLIP bigG text encoder ({BIG_G_PREFIX}*)": openclip_to_hf(split_prefix(sd, BIG_G_PREFIX))}
     else:
-        parts = {"text encoder (cond_stage_model.transformer.*)":
-                 text_model(split_prefix(sd, "cond_stage_model.transformer."))}
-    parts["VAE (first_stage_model.*)"] = split_prefix(sd, "first_stage_model.")
+        clip_l = CLIP_L_PREFIX["sd15"]
+        parts = {f"text encoder ({clip_l}*)": text_model(split_prefix(sd, clip_l))}
+    parts[f"VAE ({VAE_PREFIX}*)"] = split_prefix(sd, VAE_PREFIX)
     for what, part in parts.items():
         if not part:
             raise CheckpointError(f"{path}: no {what} tensors in this file")
@@ -429,12 +504,47 @@ def unet_config_from_diffusers(c: dict) -> UNetConfig:
         time_cond_proj_dim=c.get("time_cond_proj_dim"))
 
 
+def unet_config_to_diffusers(cfg: UNetConfig, sample_size: int, pooled_width: int | None = None) -> dict:
+    """The inverse of `unet_config_from_diffusers`: UNet2DConditionModel's config.json for a UNet
+    making `sample_size`-wide latents (SDXL: `pooled_width`, the pooled text vector's, splits
+    `adm_in_channels` into it and six size/crop embeddings). `attention_head_dim` is diffusers'
+    legacy name for the head counts; its middle block takes the last level's transformer depth."""
+    attention = ["CrossAttn" if depth else "" for depth in cfg.transformer_depth]
+    layers = [depth or 1 for depth in cfg.transformer_depth]  # 1: a level without attention ignores it
+    if cfg.transformer_depth[-1] and cfg.transformer_depth[-1] != cfg.mid_transformer_depth:
+        raise CheckpointError(f"unet: diffusers' config cannot hold a middle block of depth "
+                              f"{cfg.mid_transformer_depth} under a last level of depth {cfg.transformer_depth[-1]}")
+    layers[-1] = cfg.mid_transformer_depth
+    config = {"_class_name": "UNet2DConditionModel", "sample_size": sample_size, "in_channels": cfg.in_channels,
+              "out_channels": cfg.out_channels, "layers_per_block": cfg.num_res_blocks,
+              "block_out_channels": [cfg.model_channels * m for m in cfg.channel_mult],
+              "down_block_types": [f"{a}DownBlock2D" for a in attention],
+              "up_block_types": [f"{a}UpBlock2D" for a in reversed(attention)],
+              "transformer_layers_per_block": layers, "attention_head_dim": list(cfg.heads),
+              "cross_attention_dim": cfg.context_dim, "use_linear_projection": cfg.linear_proj,
+              "norm_num_groups": cfg.norm_groups, "time_cond_proj_dim": cfg.time_cond_proj_dim}
+    if cfg.adm_in_channels:
+        config.update(addition_embed_type="text_time", projection_class_embeddings_input_dim=cfg.adm_in_channels,
+                      addition_time_embed_dim=(cfg.adm_in_channels - pooled_width) // 6)
+    return config
+
+
 def vae_config_from_diffusers(c: dict) -> VAEConfig:
     ch = c["block_out_channels"][0]
     return VAEConfig(channels=ch, channel_mult=tuple(b // ch for b in c["block_out_channels"]),
                      num_res_blocks=c.get("layers_per_block", 2), latent_channels=c.get("latent_channels", 4),
                      image_channels=c.get("in_channels", 3), norm_groups=c.get("norm_num_groups", 32),
                      scaling_factor=c.get("scaling_factor", 0.18215))
+
+
+def vae_config_to_diffusers(cfg: VAEConfig, sample_size: int, force_upcast: bool) -> dict:
+    """The inverse of `vae_config_from_diffusers`: AutoencoderKL's config.json."""
+    levels = len(cfg.channel_mult)
+    return {"_class_name": "AutoencoderKL", "sample_size": sample_size, "in_channels": cfg.image_channels,
+            "out_channels": cfg.image_channels, "block_out_channels": [cfg.channels * m for m in cfg.channel_mult],
+            "down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels,
+            "layers_per_block": cfg.num_res_blocks, "latent_channels": cfg.latent_channels,
+            "norm_num_groups": cfg.norm_groups, "scaling_factor": cfg.scaling_factor, "force_upcast": force_upcast}
 
 
 def clip_config_from_diffusers(c: dict) -> CLIPConfig:
@@ -445,6 +555,15 @@ def clip_config_from_diffusers(c: dict) -> CLIPConfig:
                       "WithProjection" in str(c.get("architectures", "")) else None)
 
 
+def clip_config_to_diffusers(cfg: CLIPConfig) -> dict:
+    """The inverse of `clip_config_from_diffusers`: transformers' CLIPTextConfig, as config.json."""
+    return {"architectures": ["CLIPTextModelWithProjection" if cfg.projection_dim else "CLIPTextModel"],
+            "model_type": "clip_text_model", "vocab_size": cfg.vocab_size, "max_position_embeddings": cfg.max_positions,
+            "hidden_size": cfg.width, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+            "intermediate_size": cfg.mlp_width, "hidden_act": cfg.act, "layer_norm_eps": cfg.eps,
+            "projection_dim": cfg.projection_dim or cfg.width, "eos_token_id": cfg.eos_id}  # pooled there
+
+
 def _json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -453,6 +572,8 @@ def _json(path: Path) -> dict:
 
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+TEXT_ENCODER_WEIGHTS = "model.safetensors"  # transformers' name
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # CLIP-L, then (SDXL) bigG
 
 
 def read_diffusers_folder(folder: Path, device="cpu", dtype=None, unet: StateDict | None = None) -> Checkpoint:
@@ -471,8 +592,8 @@ def read_diffusers_folder(folder: Path, device="cpu", dtype=None, unet: StateDic
         unet_config = replacement_config(unet_config_from_diffusers(unet_cfg), unet, detect_family(unet), folder)
     vae = vae_from_diffusers(read_component(folder / "vae", (DIFFUSERS_WEIGHTS,), device, vae_dtype))
     encoders, tokenizers = [], []
-    for name in ("text_encoder", "text_encoder_2") if sdxl else ("text_encoder",):
-        text = text_model(read_component(folder / name, ("model.safetensors",), device, dtype))
+    for name in TEXT_ENCODERS if sdxl else TEXT_ENCODERS[:1]:
+        text = text_model(read_component(folder / name, (TEXT_ENCODER_WEIGHTS,), device, dtype))
         encoders.append((clip_config_from_diffusers(_json(folder / name / "config.json")), text))
         tokenizer_dir = folder / name.replace("text_encoder", "tokenizer")
         tokenizers.append(tokenizer_dir if (tokenizer_dir / "vocab.json").is_file() else None)
