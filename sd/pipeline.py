@@ -62,6 +62,7 @@ class Pipeline:
         self.tokenizers = [Tokenizer(d or ASSETS, pad_token=EOS if i == 0 else "!")
                            for i, d in enumerate(checkpoint.tokenizer_dirs or [None])]
         self.schedule_config = self.checkpoint_schedule = checkpoint.schedule
+        self.preset = checkpoint.preset  # sd/tiny.py's name for a file's extra settings; sd.save writes it back
         self.sample_size = checkpoint.sample_size or 512  # the native size, which VAE tiles take
         self.defaults = self.checkpoint_defaults = model_defaults.from_checkpoint(
             checkpoint.scheduler_class, checkpoint.scheduler, self.sample_size, self.distilled, checkpoint.defaults)

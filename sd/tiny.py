@@ -23,4 +23,4 @@ def apply_preset(checkpoint, metadata: dict[str, str], source):
         return checkpoint
     if name != PRESET_NAME:
         raise ValueError(f"{source}: metadata {PRESET_KEY}={name!r} names no known preset (known: {PRESET_NAME})")
-    return replace(checkpoint, sample_size=SAMPLE_SIZE, defaults=DEFAULTS)
+    return replace(checkpoint, sample_size=SAMPLE_SIZE, defaults=DEFAULTS, preset=name)
