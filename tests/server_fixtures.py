@@ -268,7 +268,7 @@ class InProcessServer:
         speeds = Speeds(timeout, "cpu")
         guard = ConnectionGuard(read_timeout, max_connections)
         self.service = Service(cache, Worker(cache, speeds, queue_size, measure), speeds, api_token=api_token,
-                               timeout=timeout, read_timeout=read_timeout, guard=guard)
+                               read_timeout=read_timeout, guard=guard)
         config = uvicorn_config(create_app(self.service), guard, "127.0.0.1", self.port)
         config.log_level = "warning"
         self.server = uvicorn.Server(config)

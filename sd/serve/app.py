@@ -54,11 +54,15 @@ class Service:
     worker: Worker
     speeds: Speeds
     api_token: str | None = None
-    timeout: float | None = None              # seconds a request may wait plus run; None: no limit
     max_body: int = 20 * 2 ** 20
     read_timeout: float = 30.0
     guard: ConnectionGuard | None = None      # set when running under uvicorn with GuardedProtocol
     parsing: object = field(default=None, repr=False)  # an anyio CapacityLimiter, made on startup
+
+    @property
+    def timeout(self) -> float | None:
+        """Seconds a request may wait plus run (None: no limit); the time model refuses by it too."""
+        return self.speeds.timeout
 
 
 # ---------------------------------------------------------------- errors

@@ -130,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     speeds = Speeds(timeout, str(cache.device))
     token = args.api_token if args.api_token is not None else os.environ.get("SD_API_TOKEN") or None
     guard = ConnectionGuard(args.read_timeout, args.max_connections)
-    service = Service(cache, Worker(cache, speeds, args.queue_size), speeds, api_token=token, timeout=timeout,
+    service = Service(cache, Worker(cache, speeds, args.queue_size), speeds, api_token=token,
                       max_body=int(args.max_body_mb * 2 ** 20), read_timeout=args.read_timeout, guard=guard)
     _log_to_stderr()
     for model_id in REGISTRY:  # the server's own log: paths are shown here

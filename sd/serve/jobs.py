@@ -15,9 +15,6 @@ class GenerationJob:
     model: str
     kwargs: dict
 
-    def setting(self, name: str):
-        return self.kwargs.get(name)
-
 
 @dataclass(frozen=True)
 class GenerationResult:
