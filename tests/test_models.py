@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -144,3 +145,27 @@ def test_a_job_gets_its_models_modes_and_defaults(weights, tiny_checkpoint):  # 
     fresh = ModelCache(reg, device="cpu")
     before = {m: fresh.defaults(m) for m in (SD15, INPAINT)}  # what a job is checked against before a load
     assert before == {m: fresh.get(m).defaults for m in (SD15, INPAINT)}
+
+
+def test_source_checks_pass_each_layout_and_name_what_is_wrong(tmp_path, single_file, tiny_checkpoint):  # noqa: F811
+    """What `sd serve` reads at startup (headers, not weights) passes every layout sd.load takes, a
+    diffusers folder saved by diffusers included, and names the file and the fault otherwise."""
+    from diffusers import DDIMScheduler
+
+    from helpers import SD15_SCHEDULE, TEXT_WIDTH, save_folder, tiny_sd15_components
+    from sd.serve.cache import SourceProblem, check_source
+    folder = save_folder(tiny_sd15_components(TEXT_WIDTH), DDIMScheduler(**SD15_SCHEDULE), tmp_path / "folder")
+    unet_only = tmp_path / "unet.safetensors"  # a UNet-only file in diffusers names, as SDXL-Lightning ships
+    save_file({"conv_in.weight": torch.zeros(1)}, str(unet_only))
+    for source in (folder, single_file, tiny_checkpoint, unet_only):
+        check_source(source)
+    sd.load(folder, device="cpu")  # and it does load
+    (folder / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(SourceProblem, match=r"vae/diffusion_pytorch_model.safetensors: not a safetensors file"):
+        check_source(folder)
+    shutil.rmtree(folder / "vae")
+    with pytest.raises(SourceProblem, match=r"folder/vae: no .safetensors weights"):
+        check_source(folder)
+    (folder / "model_index.json").write_text("{")
+    with pytest.raises(SourceProblem, match=r"model_index.json: not JSON"):
+        check_source(folder)

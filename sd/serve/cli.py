@@ -159,6 +159,8 @@ def serve(server, service: Service) -> int:
     def on_signal(signum, frame):
         if server.should_exit and signum == signal.SIGINT:
             server.force_exit = True
+            if (running := service.worker.running) is not None:
+                running.stop.set()  # the running job stops at its next checkpoint too
         service.worker.close_from_any_thread("the server is shutting down")
         server.should_exit = True
 
