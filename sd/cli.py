@@ -1,4 +1,4 @@
-"""Command line: `sd generate`, `sd models`, `sd download`, `sd serve`."""
+"""Command line: `sd generate`, `sd convert`, `sd models`, `sd download`, `sd serve`."""
 
 import argparse
 import json
@@ -57,7 +57,8 @@ FLAGS = {"prompt": "PROMPT", "negative_prompt": "--negative-prompt", "width": "-
          "num_steps": "--steps", "guidance": "--guidance", "seed": "--seed", "sampler": "--sampler",
          "schedule": "--schedule", "sampler_options": "--sampler-option", "strength": "--strength",
          "keep_unmasked": "--keep-unmasked", "clip_skip": "--clip-skip", "num_images": "--num-images",
-         "image": "--image", "mask": "--mask", "dtype": "--dtype", "lightning_steps": "--lightning-steps"}
+         "image": "--image", "mask": "--mask", "dtype": "--dtype", "lightning_steps": "--lightning-steps",
+         "step_cache": "--step-cache", "step_cache depth": "--step-cache"}
 OUTPUT_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 # Past this many times the model's native area, steps get slow and pictures repeat themselves.
 LARGE_AREA = 4
@@ -142,7 +143,7 @@ def generation_arguments(args) -> dict:
                   width=args.width, height=args.height, num_steps=args.steps, guidance=args.guidance, seed=args.seed,
                   sampler=args.sampler, schedule=args.schedule, sampler_options=sampler_options(args.sampler_option),
                   strength=args.strength, keep_unmasked=args.keep_unmasked, clip_skip=args.clip_skip,
-                  prompt_style="weighted" if args.weighted else None)
+                  prompt_style="weighted" if args.weighted else None, step_cache=args.step_cache)
     # The same checks generate() makes, on a stand-in model, so a typo costs no model load.
     check(Defaults(), multiple=8, sdxl=False, has_image=args.image is not None, has_mask=args.mask is not None,
           **kwargs)
@@ -208,6 +209,53 @@ def cmd_generate(args) -> int:
         except OSError as e:
             raise CLIError(f"-o: {path}: cannot write it ({e.strerror or e})") from None
         print(f"wrote {path} (seed {settings['seed']})", file=sys.stderr)
+    return 0
+
+
+def convert_destination(source: Path, output: str, layout: str) -> Path:
+    """Where `sd convert` writes, checked before loading: what sd.save takes (a .safetensors file, or
+    a new or empty folder), not the source itself, in a folder made now and writable."""
+    from .errors import InputError
+    from .writer import checked_destination
+    try:
+        out = checked_destination(output, layout)
+    except InputError as e:  # sd.save's `path` is OUT here
+        raise CLIError("OUT" + str(e).removeprefix("path")) from None
+    if out.resolve() == source.resolve():
+        raise CLIError(f"OUT: {output} is the SOURCE itself")
+    folder = out if layout == "diffusers" else out.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CLIError(f"OUT: {output}: cannot create {folder} ({e.strerror})") from None
+    if not os.access(folder, os.W_OK):
+        raise CLIError(f"OUT: {output}: {folder} is not writable")
+    return out
+
+
+def cmd_convert(args) -> int:
+    """A checkpoint written in the other layout (or the same one, in another dtype), LoRAs merged
+    in: what `sd.load(SOURCE, dtype=..., loras=...)` holds, written by `sd.save`."""
+    import sd
+    from .writer import checked_dtype
+    source = Path(CHECKPOINT if args.source == "tiny" else args.source)
+    if not source.exists():
+        raise CLIError(f"SOURCE: {args.source}: no such file or folder")
+    if source.is_dir() and not (source / "model_index.json").is_file():
+        raise CLIError(f"SOURCE: {args.source}: a folder must be in the diffusers layout (no model_index.json)")
+    checked_dtype(args.dtype)
+    loras = [parse_lora_flag(text) for text in args.lora or []]
+    layout = "diffusers" if args.to_folder else "single-file"
+    out = convert_destination(source, args.output, layout)
+    started = time.perf_counter()
+    print(f"loading {source} in {args.dtype}" + "".join(f" + LoRA {path} x{scale:g}" for path, scale in loras),
+          file=sys.stderr)
+    # Loaded in the dtype written, so that a LoRA is merged exactly as sd.load(..., loras=...) merges it.
+    pipe = sd.load(source, device="cpu", dtype=args.dtype, loras=loras)
+    print(f"writing {out} ({layout}, {args.dtype})", file=sys.stderr)
+    sd.save(pipe, out, dtype=args.dtype, layout=layout)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else out.stat().st_size
+    print(f"wrote {out} ({size / 1e9:.2f} GB) in {time.perf_counter() - started:.1f} s", file=sys.stderr)
     return 0
 
 
@@ -287,9 +335,23 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--weighted", action="store_true",
                    help="A1111's prompt syntax: (word) x1.1, [word] /1.1, (word:1.3), \\( for a bracket, BREAK; "
                         "prompts of any length, in chunks of 75 tokens")
+    g.add_argument("--step-cache", type=int, metavar="N",
+                   help="DeepCache: the whole UNet every N-th step, only its shallow layers in between (faster, "
+                        "a slightly different picture; 2 to 5 are usual)")
     g.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on CUDA, float32 elsewhere")
+    c = sub.add_parser("convert", help="write a checkpoint as one .safetensors file or a diffusers folder, "
+                                        "LoRAs merged in")
+    c.add_argument("source", metavar="SOURCE", help="a .safetensors checkpoint, a diffusers folder, or `tiny`")
+    c.add_argument("output", metavar="OUT", help="the .safetensors file to write (with --to-folder: a new folder)")
+    c.add_argument("--to-folder", action="store_true",
+                   help="write the diffusers layout, which sd and diffusers' from_pretrained read")
+    c.add_argument("--dtype", default="float32", metavar="float32|float16|bfloat16",
+                   help="of the written weights (default float32; float16 halves the file)")
+    c.add_argument("--lora", action="append", metavar="FILE[:SCALE]",
+                   help="merge this LoRA into the weights at SCALE (default 1); repeatable")
+    c.set_defaults(run=cmd_convert)
     for cmd in (g, m := sub.add_parser("models", help="list the Workers AI models and whether their weights "
                                                             "are here"),
                 d := sub.add_parser("download", help="fetch a Workers AI model's official weights")):

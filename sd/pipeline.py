@@ -8,6 +8,7 @@ import copy
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ from .request import Request, check
 from .samplers import randn, resolve
 from .schedule import Schedule, make_schedule, train_sigmas
 from .tokenizer import ASSETS, EOS, Tokenizer
-from .unet import UNet, timestep_embedding
+from .unet import DeepCache, UNet, timestep_embedding
 from .vae import AutoencoderKL
 from .weights import (Checkpoint, CheckpointError, build, read_diffusers_folder, read_single_file, read_unet_file,
                       replacement_config)
@@ -242,7 +243,7 @@ class Pipeline:
                  keep_unmasked: bool | None = None, clip_skip: int | None = None, prompt_style: str | None = None,
                  original_size: tuple[int, int] | None = None, crop_top_left: tuple[int, int] = (0, 0),
                  target_size: tuple[int, int] | None = None, callback: Callable | None = None,
-                 output: str = "pil") -> "Image.Image | list[Image.Image] | Latents":
+                 step_cache: int | dict | None = None, output: str = "pil") -> "Image.Image | list[Image.Image] | Latents":
         """Text to image; with `image`, image to image; with `image` and `mask`, inpainting.
         Omitted settings take the model's defaults (`pipe.defaults`). Each image's settings come
         back in `image.info["sd"]` (a dict; the PNG text chunk the CLI writes holds it as JSON).
@@ -271,6 +272,11 @@ class Pipeline:
             it), since the VAE round trip otherwise changes them slightly.
         clip_skip: use the text encoder's output that many layers before its last (diffusers'
             meaning). prompt_style: "plain" (diffusers') or another of sd.prompts.STYLES.
+        step_cache: DeepCache (Ma et al. 2024): N runs the whole UNet every N-th call and only its
+            shallow branch in between, on the deep features the last whole call left (about N
+            times fewer deep-block FLOPs, a slightly different picture); {"interval": N,
+            "depth": d} also sets how many input blocks the shallow branch keeps (default 2).
+            Off by default.
         output: "pil" for pictures, "latent" for a `Latents` (decode with `pipe.decode`).
 
         SDXL only: `original_size`, `crop_top_left`, `target_size` ((height, width), (top, left),
@@ -284,8 +290,8 @@ class Pipeline:
             num_steps=num_steps, guidance=guidance, guidance_rescale=guidance_rescale, seed=seed, sampler=sampler,
             schedule=schedule, sigmas=sigmas, sampler_options=sampler_options, strength=strength,
             keep_unmasked=keep_unmasked, clip_skip=clip_skip, prompt_style=prompt_style, original_size=original_size,
-            crop_top_left=crop_top_left, target_size=target_size, output=output, picture=picture,
-            mask_image=mask_image)
+            crop_top_left=crop_top_left, target_size=target_size, output=output, step_cache=step_cache,
+            picture=picture, mask_image=mask_image)
         settings = [request.settings(k) for k in range(request.batch_size)]
         self.last_settings = settings[0]  # kept for old callers; races when threads share a pipeline
         w, h, steps = request.width, request.height, request.num_steps
@@ -323,7 +329,8 @@ class Pipeline:
 
     def _request(self, picture=None, mask_image=None, **arguments) -> Request:
         return check(self.defaults, multiple=max(8, self.vae.scale), sdxl=self.family == "sdxl",
-                     has_image=picture is not None, has_mask=mask_image is not None, **arguments)
+                     has_image=picture is not None, has_mask=mask_image is not None,
+                     max_cache_depth=len(self.unet.input_blocks) - 1, **arguments)
 
     @staticmethod
     def _result(request: Request, settings: list[dict], images: list[Image.Image]):
@@ -342,11 +349,12 @@ class Pipeline:
         cond = {**cond, **unet_inputs}
         uncond = {**uncond, **unet_inputs} if uncond is not None else None
         table, prediction = train_sigmas(self.schedule_config), self.schedule_config.prediction_type
+        unet = partial(self._unet, cache=DeepCache(*request.step_cache)) if request.step_cache else self._unet
         if custom:
-            both = Denoiser(both_halves(self._unet, cond, uncond), schedule, table, prediction)
+            both = Denoiser(both_halves(unet, cond, uncond), schedule, table, prediction)
             denoiser = custom_guidance(both, g)
         else:
-            model = classifier_free_guidance(self._unet, cond, uncond, g, request.guidance_rescale)
+            model = classifier_free_guidance(unet, cond, uncond, g, request.guidance_rescale)
             denoiser = Denoiser(model, schedule, table, prediction)
         spec = resolve(request.sampler)[0] if isinstance(request.sampler, str) else None
         if spec is not None and spec.consistency:
@@ -397,12 +405,12 @@ class Pipeline:
             return (1 - latent_mask) * known + latent_mask * step.x
         return x, {}, keep_known_region
 
-    def _unet(self, x, t, context, y=None, w=None, concat=None):
+    def _unet(self, x, t, context, y=None, w=None, concat=None, cache=None):
         """The UNet on x at timestep t; `concat` adds channels to x (the inpainting UNet's mask
         and masked-image latents)."""
         if concat is not None:
             x = torch.cat([x, concat], dim=1)
-        return self.unet(x.to(self.dtype), t, context, y, w).float()
+        return self.unet(x.to(self.dtype), t, context, y, w, cache).float()
 
     def _read_inputs(self, image, mask):
         if mask is not None and image is None:

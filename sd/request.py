@@ -39,6 +39,7 @@ class Request:
     batched: bool = False                    # give a list back
     output: str = "pil"
     inpainting: bool = False
+    step_cache: tuple[int, int] | None = None  # DeepCache's (interval, depth)
 
     @property
     def batch_size(self) -> int:
@@ -50,6 +51,7 @@ class Request:
                  height=self.height, num_steps=self.num_steps, guidance=_name(self.guidance), seed=self.seeds[k],
                  sampler=_name(self.sampler), schedule=self.schedule)
         optional = dict(sigmas=list(self.sigmas) if self.sigmas else None, sampler_options=self.sampler_options,
+                        step_cache=dict(zip(("interval", "depth"), self.step_cache)) if self.step_cache else None,
                         guidance_rescale=self.guidance_rescale, strength=self.strength, clip_skip=self.clip_skip,
                         prompt_style=None if self.prompt_style == "plain" else self.prompt_style)
         s.update({k: v for k, v in optional.items() if v})
@@ -119,7 +121,7 @@ def check(defaults: Defaults, *, multiple: int, sdxl: bool, has_image: bool, has
           prompt, negative_prompt=None, num_images=None, width=None, height=None, num_steps=None, guidance=None,
           guidance_rescale=0.0, seed=None, sampler=None, schedule=None, sigmas=None, sampler_options=None,
           strength=None, keep_unmasked=None, clip_skip=None, prompt_style=None, original_size=None,
-          crop_top_left=(0, 0), target_size=None, output="pil") -> Request:
+          crop_top_left=(0, 0), target_size=None, output="pil", step_cache=None, max_cache_depth=None) -> Request:
     prompts, negatives, seeds, batched = batch_of(prompt, negative_prompt, seed, num_images)
     width, height = (defaults.width if width is None else width), (defaults.height if height is None else height)
     for name, value in (("width", width), ("height", height)):
@@ -166,7 +168,21 @@ def check(defaults: Defaults, *, multiple: int, sdxl: bool, has_image: bool, has
     sizes = _sizes(sdxl, original_size, crop_top_left, target_size, height, width)
     return Request(tuple(prompts), tuple(negatives), tuple(seeds), width, height, num_steps, guidance,
                    guidance_rescale, name, schedule, sigmas, options, strength, keep_unmasked, clip_skip,
-                   prompt_style, sizes, batched, output, has_mask)
+                   prompt_style, sizes, batched, output, has_mask, _step_cache(step_cache, max_cache_depth))
+
+
+def _step_cache(value, max_depth) -> tuple[int, int] | None:
+    """step_cache=N (every N-th UNet call whole, DeepCache's default branch) or
+    {"interval": N, "depth": d} -> (N, d); None: off."""
+    if value is None:
+        return None
+    settings = {"interval": value} if not isinstance(value, dict) else dict(value)
+    unknown = set(settings) - {"interval", "depth"}
+    if unknown:
+        raise InputError(f"step_cache: takes interval and depth, not {', '.join(sorted(unknown))}")
+    interval = _whole("step_cache", settings["interval"], 1) if "interval" in settings else 3
+    depth = _whole("step_cache depth", settings.get("depth", 2), 1, max_depth)
+    return interval, depth
 
 
 def _sizes(sdxl, original_size, crop_top_left, target_size, h, w) -> tuple[int, ...] | None:

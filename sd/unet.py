@@ -235,6 +235,27 @@ class Block(nn.Sequential):
         return x
 
 
+class DeepCache:
+    """DeepCache (Ma et al. 2024): the UNet's deep features change slowly from step to step, so
+    only every `interval`-th call runs the whole UNet; the calls between run just its shallowest
+    `depth` input blocks and the output blocks that read their skips, on the deep feature the
+    last whole call left (the input of output block -depth). One object per sampling run: it
+    counts the calls it sees, and an input of another shape starts afresh."""
+
+    def __init__(self, interval: int = 3, depth: int = 2):
+        self.interval, self.depth = interval, depth
+        self.calls, self.feature, self.shape = 0, None, None
+
+    def reuse(self, x: torch.Tensor) -> bool:
+        """Whether this call may run the shallow branch on the cached feature."""
+        shallow = self.calls % self.interval != 0 and self.feature is not None and self.shape == x.shape
+        self.calls += 1
+        return shallow
+
+    def keep(self, feature: torch.Tensor, x: torch.Tensor):
+        self.feature, self.shape = feature, x.shape
+
+
 class UNet(nn.Module):
     def __init__(self, cfg: UNetConfig = SD15):
         super().__init__()
@@ -284,10 +305,11 @@ class UNet(nn.Module):
                                  Conv3x3(ch, cfg.out_channels))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: torch.Tensor | None = None,
-                w: torch.Tensor | None = None):
+                w: torch.Tensor | None = None, cache: DeepCache | None = None):
         """x: (B, in_channels, h, w) latents; t: (B,) or () timesteps; context: (B, 77, context_dim);
         y: (B, adm_in_channels) for SDXL; w: (B,) guidance weight (guidance scale - 1) for
-        LCM-distilled UNets. Returns (B, out_channels, h, w)."""
+        LCM-distilled UNets; cache: a DeepCache that may skip the deep blocks. Returns
+        (B, out_channels, h, w)."""
         t = t.reshape(-1).expand(x.shape[0])
         t_emb = timestep_embedding(t, self.cfg.model_channels).to(x.dtype)
         if self.cfg.time_cond_proj_dim:
@@ -298,12 +320,16 @@ class UNet(nn.Module):
         emb = self.time_embed(t_emb)
         if self.cfg.adm_in_channels:
             emb = emb + self.label_emb(y.to(x.dtype))
+        shallow = cache is not None and cache.reuse(x)
+        branch = len(self.output_blocks) - cache.depth if cache is not None else None
         skips, h = [], x
-        for block in self.input_blocks:
+        for block in self.input_blocks[:cache.depth] if shallow else self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
-        for block in self.output_blocks:
+        h = cache.feature if shallow else self.middle_block(h, emb, context)
+        for j in range(branch if shallow else 0, len(self.output_blocks)):
+            if j == branch and not shallow:
+                cache.keep(h, x)
             h = torch.cat([h, skips.pop()], dim=1)
-            h = block(h, emb, context, skips[-1].shape[-2:] if skips else None)
+            h = self.output_blocks[j](h, emb, context, skips[-1].shape[-2:] if skips else None)
         return self.out(h)
