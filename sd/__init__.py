@@ -8,9 +8,10 @@
 from .errors import InputError
 from .pipeline import Latents, Pipeline, load
 from .samplers import SAMPLERS, Step, register
+from .writer import save
 from .schedule import SCHEDULES
 from .weights import CheckpointError
 
-__all__ = ["load", "Pipeline", "Latents", "InputError", "CheckpointError", "SAMPLERS", "SCHEDULES", "Step",
+__all__ = ["load", "save", "Pipeline", "Latents", "InputError", "CheckpointError", "SAMPLERS", "SCHEDULES", "Step",
            "register"]
 __version__ = "0.1.0"

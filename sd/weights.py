@@ -325,7 +325,7 @@ def openclip_to_hf(sd: StateDict) -> StateDict:
 
 
 def hf_to_openclip(sd_: StateDict) -> StateDict:
-    """The inverse of `openclip_to_hf`, for writing SDXL single files (sd/save.py): our
+    """The inverse of `openclip_to_hf`, for writing SDXL single files (sd/writer.py): our
     (Hugging Face named) bigG text tower -> OpenCLIP names as SDXL's single file stores them:
     q/k/v fused into `attn.in_proj_*`, `positional_embedding` without `.weight`, and `text_projection`
     as the matrix P used as x @ P, i.e. the transpose of the Linear weight."""
