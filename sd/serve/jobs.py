@@ -17,10 +17,23 @@ class GenerationJob:
 
 
 @dataclass(frozen=True)
-class GenerationResult:
+class Picture:
     png: bytes          # the image, its settings written in the PNG as the CLI writes them (sd.pngmeta)
     settings: dict      # image.info["sd"]: what reproduces it, the seed included
-    seconds: float      # time in the worker (loading, generating, encoding)
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    pictures: list[Picture]  # one per image the job asked for (num_images), in order
+    seconds: float           # time in the worker (loading, generating, encoding)
+
+    @property
+    def png(self) -> bytes:
+        return self.pictures[0].png
+
+    @property
+    def settings(self) -> dict:
+        return self.pictures[0].settings
 
 
 class RequestError(Exception):

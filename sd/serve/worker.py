@@ -18,17 +18,22 @@ from ..interrupt import Interrupted, checkpoint, interruptible
 from ..pngmeta import png_metadata
 from . import speed
 from .cache import ModelCache
-from .jobs import GenerationJob, GenerationResult, RequestError
+from .jobs import GenerationJob, GenerationResult, Picture, RequestError
 
 log = logging.getLogger("sd.serve")
 
 
 class Ticket:
-    """A job's place: its future (set on the event loop) and the flag that stops it (read by the thread)."""
-    __slots__ = ("job", "ref", "future", "stop")
+    """A job's place: its future (set on the event loop), the flag that stops it (read by the
+    thread), and its progress (written by the thread after every step, read by anyone)."""
+    __slots__ = ("job", "ref", "future", "stop", "state", "step", "steps", "denoised", "started")
 
     def __init__(self, job: GenerationJob, ref: str, future: asyncio.Future):
         self.job, self.ref, self.future, self.stop = job, ref, future, threading.Event()
+        self.state = "queued"           # queued, running, done, failed, stopped
+        self.step, self.steps = 0, 0    # steps done of the run's total
+        self.denoised = None            # the last step's x0 prediction: latents for a preview
+        self.started: float | None = None
 
 
 class Worker:
@@ -41,6 +46,8 @@ class Worker:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+        # Called from the worker thread with a ticket whenever its progress or state changes.
+        self.listeners: list = []
 
     # ------------------------------------------------------------ on the event loop
 
@@ -119,27 +126,54 @@ class Worker:
 
     # ------------------------------------------------------------ in the worker thread
 
+    def _changed(self, ticket: Ticket, state: str | None = None):
+        if state is not None:
+            ticket.state = state
+        for listener in self.listeners:
+            listener(ticket)
+
     def _run(self, ticket: Ticket) -> GenerationResult:
+        try:
+            result = self._generate(ticket)
+        except Interrupted:
+            self._changed(ticket, "stopped")
+            raise
+        except BaseException:
+            self._changed(ticket, "failed")
+            raise
+        self._changed(ticket, "done")
+        return result
+
+    def _generate(self, ticket: Ticket) -> GenerationResult:
         job, start = ticket.job, time.perf_counter()
         if ticket.stop.is_set():
             raise Interrupted("given up before it started")
+        ticket.started = time.time()
+        self._changed(ticket, "running")
         pipe = self.cache.get(job.model)
         if job.model not in self.speeds.rates:
             self.speeds.rates[job.model] = self.measure(pipe)
             log.info("%s: a UNet call takes %.3g s per megapixel here", job.model, self.speeds.rates[job.model])
         self.speeds.check(job, pipe.defaults)
+        def between_steps(step):
+            checkpoint()  # a compiled UNet has no checkpoints inside: stop between its steps
+            ticket.step, ticket.steps, ticket.denoised = step.i + 1, step.n, step.denoised
+            self._changed(ticket)
+
         try:
             with interruptible(ticket.stop.is_set):
-                image = pipe.generate(**job.kwargs, callback=_between_steps)
+                images = pipe.generate(**job.kwargs, callback=between_steps)
         except Interrupted:
             log.info("request %s: stopped %.1f s into its run (its client left or timed out)", ticket.ref,
                      time.perf_counter() - start)
             raise
-        settings = image.info["sd"]
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", pnginfo=png_metadata(settings, job.model))
-        return GenerationResult(buf.getvalue(), settings, time.perf_counter() - start)
+        pictures = [encode(image, job.model) for image in (images if isinstance(images, list) else [images])]
+        return GenerationResult(pictures, time.perf_counter() - start)
 
 
-def _between_steps(step):
-    checkpoint()  # a compiled UNet has no checkpoints inside: stop between its steps
+def encode(image, model: str) -> Picture:
+    """The PNG a client gets, its settings written in as `sd generate` writes them."""
+    settings = image.info["sd"]
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", pnginfo=png_metadata(settings, model))
+    return Picture(buf.getvalue(), settings)
