@@ -100,34 +100,39 @@ def respond(reply: Reply):
 
 
 async def workers_ai_run(request):
-    return await generation(request, workers_ai, request.path_params["model"])
+    return respond(await generation(request, workers_ai, request.path_params["model"]))
 
 
-async def generation(request, dialect, model: str):
-    """One generation request, from any dialect."""
+async def generation(request, dialect, model: str | None) -> Reply:
+    """One generation request, from any dialect: the dialect's `to_job(model, body, content_type)`
+    reads its body into a GenerationJob (`model` None: the dialect finds it in the body), its
+    `image_reply(result)` and `error_reply(status, messages, headers)` answer in its shapes."""
     service: Service = request.app.state.service
     note = request.scope["sd.log"]
-    note["model"] = model
+    note["model"] = model or "-"
     try:
         authorize(request, service.api_token)
-        spec_of(model)
+        if model is not None:
+            spec_of(model)
         service.worker.check_open()  # before reading a body we would have to refuse anyway
         body = await read_body(request.receive, request.headers.get("content-length"), service.max_body,
                                service.read_timeout)
+        content_type = request.headers.get("content-type", "")
         if len(body) > PARSE_OFF_LOOP:
             import anyio
-            job = await anyio.to_thread.run_sync(dialect.to_job, model, body, limiter=service.parsing)
+            job = await anyio.to_thread.run_sync(dialect.to_job, model, body, content_type, limiter=service.parsing)
         else:
-            job = dialect.to_job(model, body)
-        note["job"] = job
+            job = dialect.to_job(model, body, content_type)
+        note["model"], note["job"] = job.model, job
+        spec_of(job.model)
         service.cache.check(job)
-        service.speeds.check(job, service.cache.defaults(model))
+        service.speeds.check(job, service.cache.defaults(job.model))
         result = await outcome(request, service, service.worker.submit(job, note["id"]))
         note["settings"] = result.settings
-        return respond(dialect.image_reply(result))
+        return dialect.image_reply(result)
     except Exception as e:
-        status, messages, headers = answer(e, note["id"], model)
-        return respond(dialect.error_reply(status, messages, headers))
+        status, messages, headers = answer(e, note["id"], note["model"])
+        return dialect.error_reply(status, messages, headers)
 
 
 async def outcome(request, service: Service, ticket: Ticket) -> GenerationResult:
@@ -192,18 +197,30 @@ def authorize(request, api_token: str | None):
         raise RequestError(401, "authorization: wrong API token", headers={"WWW-Authenticate": "Bearer"})
 
 
-# Routes the framework itself refuses (no route, wrong method) and unexpected errors, answered in
-# the Workers AI envelope: the one dialect so far. Another dialect would pick by path prefix here.
+# Which dialect's envelope answers a path the framework itself refuses (no route, wrong method)
+# or an unexpected error: the first whose prefix the path starts with; Workers AI's otherwise.
+ENVELOPES: list[tuple[str, object]] = []
+
+
+def envelope_for(path: str):
+    return next((dialect for prefix, dialect in ENVELOPES if path.startswith(prefix)), workers_ai)
+
+
 async def http_error(request, exc):
     message = {404: f"no route for {request.method} {request.url.path}",
                405: f"method {request.method} not allowed here"}.get(exc.status_code, str(exc.detail))
-    return respond(workers_ai.error_reply(exc.status_code, [message], exc.headers, route=True))
+    dialect = envelope_for(request.url.path)
+    if dialect is workers_ai:
+        return respond(workers_ai.error_reply(exc.status_code, [message], exc.headers, route=True))
+    return respond(dialect.error_reply(exc.status_code, [message], exc.headers))
 
 
 async def server_error(request, exc):
-    return respond(workers_ai.error_reply(*answer(exc, request.scope.get("sd.log", {}).get("id", "-"))))
+    dialect = envelope_for(request.url.path)
+    return respond(dialect.error_reply(*answer(exc, request.scope.get("sd.log", {}).get("id", "-"))))
 
 
+# (path, handler, method). A dialect adds its routes here and its prefix to ENVELOPES.
 ROUTES = [("/ai/run/{model:path}", workers_ai_run, "POST"),
           ("/client/v4/accounts/{account_id}/ai/run/{model:path}", workers_ai_run, "POST"),
           ("/ai/models/search", workers_ai_search, "GET"),

@@ -277,7 +277,7 @@ def _pictures(data: dict, errors: list[str]) -> dict[str, tuple[bytes, tuple[int
     return out
 
 
-def to_job(model: str, body: bytes) -> GenerationJob:
+def to_job(model: str, body: bytes, content_type: str = "application/json") -> GenerationJob:
     """Request body -> the job (fields left out are left out, so the model's defaults apply).
     Raises RequestError(400) listing every violation."""
     data = parse_json(body)
