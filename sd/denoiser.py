@@ -78,6 +78,7 @@ class Denoiser:
         self.model, self.prediction_type, self.train_sigmas = model, prediction_type, train_sigmas
         self.timestep_of = ({float(s): t for s, t in zip(schedule.sigmas, schedule.timesteps)}
                             if schedule is not None else {})
+        self.on_device: dict = {}  # (sigma, device) -> timestep there: one copy per step per run
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """float32 timestep(s) for a scalar or (B,) sigma."""
@@ -88,8 +89,18 @@ class Denoiser:
             t = torch.tensor(sigma_to_t(np.array([float(sigma)]), self.train_sigmas)[0], dtype=torch.float32)
         return t
 
+    def timestep_on(self, sigma: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The timestep on the model's device. A scalar sigma's is copied there once per run: a
+        copy from pageable host memory waits for the device, which should be running ahead."""
+        if sigma.ndim or sigma.device.type != "cpu":
+            return self.timestep(sigma).to(device)
+        key = (float(sigma), device)
+        if key not in self.on_device:
+            self.on_device[key] = self.timestep(sigma).to(device)
+        return self.on_device[key]
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        t = self.timestep(sigma).to(x.device)
+        t = self.timestep_on(sigma, x.device)
         sigma = per_image(sigma, x)
         c_in = 1 / (sigma ** 2 + 1) ** 0.5
         out = self.model(x * c_in, t).to(x.dtype)

@@ -315,9 +315,11 @@ class Pipeline:
 
         spec, _ = resolve(request.sampler) if isinstance(request.sampler, str) else (None, None)
         sample = spec.fn if spec else request.sampler
-        needs = {"landing": schedule.landing.to(self.device) if schedule.landing is not None else None} \
+        # The sigmas stay on the CPU (as diffusers keeps its schedulers' sigmas): a sampler's scalar
+        # arithmetic and comparisons on them then never wait for the device, which runs ahead.
+        needs = {"landing": schedule.landing if schedule.landing is not None else None} \
             if spec and "landing" in spec.needs else {}
-        x = sample(model, x, schedule.sigmas.to(self.device), generator=generators if len(generators) > 1 else
+        x = sample(model, x, schedule.sigmas, generator=generators if len(generators) > 1 else
                    generators[0], callback=_chain(blend, callback), **needs, **request.sampler_options)
         latents = schedule.to_latents(x)
         if request.output == "latent":

@@ -334,3 +334,28 @@ def test_randn_with_a_list_draws_each_row_from_its_generator():
     rows = randn((3, 2, 2), [torch.Generator().manual_seed(s) for s in (5, 6, 7)], "cpu")
     for row, seed in zip(rows, (5, 6, 7)):
         assert torch.equal(row[None], torch.randn((1, 2, 2), generator=torch.Generator().manual_seed(seed)))
+
+
+# ---------------------------------------------------------------- never waiting on the device
+
+
+@pytest.fixture(scope="module")
+def on_meta():
+    return sd.load(CHECKPOINT, device="meta")
+
+
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_sampling_never_reads_a_device_tensor(on_meta, sampler):
+    """On a GPU, reading a device tensor from Python (float(), .item(), a comparison used in an
+    `if`) makes the host wait for the device at every step. The meta device has no data, so any such
+    read fails: a run that ends there reads none (the sigmas stay on the CPU, as diffusers keeps them)."""
+    latents = on_meta.generate(PROMPT, seed=1, num_steps=4, sampler=sampler, output="latent", num_images=2)
+    assert latents.tensor.device.type == "meta" and latents.tensor.shape == (2, 4, 8, 8)
+
+
+def test_img2img_inpainting_and_options_never_read_a_device_tensor(on_meta):
+    picture = shapes_picture()
+    on_meta.generate(PROMPT, image=picture, strength=0.6, num_steps=4, output="latent")
+    on_meta.generate(PROMPT, image=picture, mask=left_half_mask(), num_steps=4, output="latent")
+    on_meta.generate(PROMPT, num_steps=4, step_cache=2, guidance_rescale=0.5, output="latent")
+    on_meta.generate(PROMPT, num_steps=4, guidance=lambda u, c, s: u + 3 * (c - u), output="latent")
