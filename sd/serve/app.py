@@ -129,7 +129,8 @@ async def generation(request, dialect, model: str | None) -> Reply:
         service.speeds.check(job, service.cache.defaults(job.model))
         result = await outcome(request, service, service.worker.submit(job, note["id"]))
         note["settings"] = result.settings
-        return dialect.image_reply(result)
+        import anyio  # a dialect may re-encode and base64 many pictures: off the event loop
+        return await anyio.to_thread.run_sync(dialect.image_reply, result, limiter=service.parsing)
     except Exception as e:
         status, messages, headers = answer(e, note["id"], note["model"])
         return dialect.error_reply(status, messages, headers)
