@@ -46,7 +46,8 @@ class Worker:
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
-        # Called from the worker thread with a ticket whenever its progress or state changes.
+        # Called with a ticket whenever its state or progress changes: on the event loop when it
+        # is queued, then from the worker thread.
         self.listeners: list = []
 
     # ------------------------------------------------------------ on the event loop
@@ -80,6 +81,7 @@ class Worker:
         ticket = Ticket(job, ref, self._loop.create_future())
         self.waiting.append(ticket)
         self._wakeup.set()
+        self._changed(ticket)
         return ticket
 
     def abandon(self, ticket: Ticket):
