@@ -24,7 +24,7 @@ class Picture:
 
 @dataclass(frozen=True)
 class GenerationResult:
-    pictures: list[Picture]  # one per image the job asked for (num_images), in order
+    pictures: list[Picture]  # one per image the job asked for (num_images), in order; fewer if stopped
     seconds: float           # time in the worker (loading, generating, encoding)
 
     @property
@@ -33,7 +33,7 @@ class GenerationResult:
 
     @property
     def settings(self) -> dict:
-        return self.pictures[0].settings
+        return self.pictures[0].settings if self.pictures else {}  # none: stopped before its first step
 
 
 class RequestError(Exception):

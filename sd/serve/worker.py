@@ -85,7 +85,8 @@ class Worker:
         return ticket
 
     def abandon(self, ticket: Ticket):
-        """Its client left or timed out: out of the queue, or stopped at the running job's next checkpoint."""
+        """Its client left, timed out or interrupted it: out of the queue, or stopped at the running job's
+        next checkpoint."""
         ticket.stop.set()
         with contextlib.suppress(ValueError):
             self.waiting.remove(ticket)
@@ -120,8 +121,8 @@ class Worker:
             except Exception as e:  # handed to the request; never ends the loop
                 if not ticket.future.done() and not ticket.stop.is_set():
                     ticket.future.set_exception(e)
-            else:
-                if not ticket.future.done() and not ticket.stop.is_set():
+            else:  # a job that finished before its stop was seen still hands its result over
+                if not ticket.future.done():
                     ticket.future.set_result(result)
             finally:
                 self.running = None
@@ -166,8 +167,8 @@ class Worker:
             with interruptible(ticket.stop.is_set):
                 images = pipe.generate(**job.kwargs, callback=between_steps)
         except Interrupted:
-            log.info("request %s: stopped %.1f s into its run (its client left or timed out)", ticket.ref,
-                     time.perf_counter() - start)
+            log.info("request %s: stopped %.1f s into its run (its client left, timed out or interrupted it)",
+                     ticket.ref, time.perf_counter() - start)
             raise
         pictures = [encode(image, job.model) for image in (images if isinstance(images, list) else [images])]
         return GenerationResult(pictures, time.perf_counter() - start)
