@@ -16,6 +16,7 @@ translate the result or the error back (the dialect's replies).
 """
 
 import asyncio
+import base64
 import contextlib
 import hmac
 import logging
@@ -28,7 +29,7 @@ from ..registry import REGISTRY, UnknownModel, WeightsMissing, spec_of
 from . import workers_ai
 from .cache import LoadFailed, ModelCache, SourceProblem
 from .connections import ConnectionGuard, read_body
-from .jobs import GenerationResult, Reply, RequestError
+from .jobs import GenerationJob, GenerationResult, Reply, RequestError
 from .speed import Speeds, TooSlow
 from .worker import Ticket, Worker
 
@@ -56,6 +57,7 @@ class Service:
     api_token: str | None = None
     max_body: int = 20 * 2 ** 20
     read_timeout: float = 30.0
+    prompt_style: str | None = None           # --prompt-style: for jobs whose dialect leaves it to the server
     guard: ConnectionGuard | None = None      # set when running under uvicorn with GuardedProtocol
     parsing: object = field(default=None, repr=False)  # an anyio CapacityLimiter, made on startup
 
@@ -111,7 +113,7 @@ async def generation(request, dialect, model: str | None) -> Reply:
     note = request.scope["sd.log"]
     note["model"] = model or "-"
     try:
-        authorize(request, service.api_token)
+        authorize(request, service.api_token, getattr(dialect, "basic_auth", False))
         if model is not None:
             spec_of(model)
         service.worker.check_open()  # before reading a body we would have to refuse anyway
@@ -123,6 +125,8 @@ async def generation(request, dialect, model: str | None) -> Reply:
             job = await anyio.to_thread.run_sync(dialect.to_job, model, body, content_type, limiter=service.parsing)
         else:
             job = dialect.to_job(model, body, content_type)
+        if service.prompt_style and "prompt_style" not in job.kwargs:  # a dialect may fix it (A1111's does)
+            job = GenerationJob(job.model, {**job.kwargs, "prompt_style": service.prompt_style})
         note["model"], note["job"] = job.model, job
         spec_of(job.model)
         service.cache.check(job)
@@ -185,17 +189,23 @@ async def healthz(request):
                          "closing": service.worker.closing is not None}, status_code=200 if ok else 503)
 
 
-def authorize(request, api_token: str | None):
+def authorize(request, api_token: str | None, basic: bool = False):
+    """The API token as `Authorization: Bearer <token>`; with `basic`, also as the password of HTTP
+    Basic credentials, any user name (A1111's clients send user:password)."""
     if api_token is None:
         return
+    challenge = {"WWW-Authenticate": "Basic" if basic else "Bearer"}
     scheme, _, value = request.headers.get("authorization", "").partition(" ")
-    if not value:
-        raise RequestError(401, "authorization: missing; send Authorization: Bearer <API token>",
-                           headers={"WWW-Authenticate": "Bearer"})
+    if not value.strip():
+        raise RequestError(401, "authorization: missing; send Authorization: Bearer <API token>"
+                           + (" or Basic credentials with the token as password" if basic else ""), headers=challenge)
     # Starlette decodes headers as latin-1: .encode("latin-1") gives back the bytes the client sent
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode("latin-1"),
-                                                             api_token.encode("utf-8")):
-        raise RequestError(401, "authorization: wrong API token", headers={"WWW-Authenticate": "Bearer"})
+    offered = value.strip().encode("latin-1") if scheme.lower() == "bearer" else None
+    if basic and scheme.lower() == "basic":
+        with contextlib.suppress(ValueError):  # not base64 (binascii.Error) or not ASCII: a wrong token
+            offered = base64.b64decode(value.strip(), validate=True).partition(b":")[2]
+    if offered is None or not hmac.compare_digest(offered, api_token.encode("utf-8")):
+        raise RequestError(401, "authorization: wrong API token", headers=challenge)
 
 
 # Which dialect's envelope answers a path the framework itself refuses (no route, wrong method)
