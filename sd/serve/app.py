@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 from ..errors import InputError
 from ..registry import REGISTRY, UnknownModel, WeightsMissing, spec_of
+from . import a1111
 from . import workers_ai
 from .cache import LoadFailed, ModelCache, SourceProblem
 from .connections import ConnectionGuard, read_body
@@ -162,6 +163,29 @@ async def _disconnected(receive):
         pass
 
 
+async def a1111_txt2img(request):
+    return respond(await generation(request, a1111.Generation("txt2img", a1111.state_of(request.app)), None))
+
+
+async def a1111_img2img(request):
+    return respond(await generation(request, a1111.Generation("img2img", a1111.state_of(request.app)), None))
+
+
+async def a1111_call(request):
+    """The A1111 dialect's other routes (its lists, options, progress, interrupt), authorized here."""
+    service: Service = request.app.state.service
+    try:
+        authorize(request, service.api_token, basic=True)
+        body = b""
+        if request.method == "POST":
+            body = await read_body(request.receive, request.headers.get("content-length"), service.max_body,
+                                   service.read_timeout)
+        return respond(await a1111.call(a1111.state_of(request.app), request.method, request.url.path,
+                                        dict(request.query_params), body))
+    except Exception as e:
+        return respond(a1111.error_reply(*answer(e, request.scope["sd.log"]["id"])))
+
+
 async def workers_ai_search(request):
     service: Service = request.app.state.service
     try:
@@ -210,7 +234,7 @@ def authorize(request, api_token: str | None, basic: bool = False):
 
 # Which dialect's envelope answers a path the framework itself refuses (no route, wrong method)
 # or an unexpected error: the first whose prefix the path starts with; Workers AI's otherwise.
-ENVELOPES: list[tuple[str, object]] = []
+ENVELOPES: list[tuple[str, object]] = [("/sdapi/", a1111)]
 
 
 def envelope_for(path: str):
@@ -232,7 +256,9 @@ async def server_error(request, exc):
 
 
 # (path, handler, method). A dialect adds its routes here and its prefix to ENVELOPES.
-ROUTES = [("/ai/run/{model:path}", workers_ai_run, "POST"),
+ROUTES = [("/sdapi/v1/txt2img", a1111_txt2img, "POST"), ("/sdapi/v1/img2img", a1111_img2img, "POST"),
+          *((path, a1111_call, method) for path, method in a1111.CALLS),
+          ("/ai/run/{model:path}", workers_ai_run, "POST"),
           ("/client/v4/accounts/{account_id}/ai/run/{model:path}", workers_ai_run, "POST"),
           ("/ai/models/search", workers_ai_search, "GET"),
           ("/client/v4/accounts/{account_id}/ai/models/search", workers_ai_search, "GET"),
