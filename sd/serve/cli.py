@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from ..errors import InputError
+from ..prompts import STYLES
 from ..registry import REGISTRY, Registry, UnknownModel, default_weights_dir, parse_overrides
 from .app import MISSING_EXTRA, Service, create_app
 from .cache import ModelCache
@@ -67,6 +68,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on CUDA, float32 elsewhere")
+    p.add_argument("--prompt-style", choices=STYLES, default=None,
+                   help="how Workers AI and OpenAI prompts are read: plain (diffusers': the first 75 tokens) or "
+                        "weighted (A1111's emphasis syntax, any length); A1111 API prompts are always weighted "
+                        "(default: plain)")
     p.add_argument("--queue-size", type=number(int, 0, 100_000), default=DEFAULT_QUEUE_SIZE,
                    help=f"requests that may wait behind the running one; more get 429 (default {DEFAULT_QUEUE_SIZE})")
     p.add_argument("--max-body-mb", type=number(float, 0, 4096, above_low=True), default=DEFAULT_MAX_BODY_MB,
@@ -131,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     token = args.api_token if args.api_token is not None else os.environ.get("SD_API_TOKEN") or None
     guard = ConnectionGuard(args.read_timeout, args.max_connections)
     service = Service(cache, Worker(cache, speeds, args.queue_size), speeds, api_token=token,
-                      max_body=int(args.max_body_mb * 2 ** 20), read_timeout=args.read_timeout, guard=guard)
+                      max_body=int(args.max_body_mb * 2 ** 20), read_timeout=args.read_timeout, guard=guard,
+                      prompt_style=args.prompt_style)
     _log_to_stderr()
     for model_id in REGISTRY:  # the server's own log: paths are shown here
         state = cache.state(model_id)
