@@ -32,6 +32,7 @@ from .cache import LoadFailed, ModelCache, SourceProblem
 from .connections import ConnectionGuard, read_body
 from .jobs import GenerationJob, GenerationResult, Reply, RequestError
 from .speed import Speeds, TooSlow
+from .router import Workers
 from .worker import Ticket, Worker
 
 log = logging.getLogger("sd.serve")
@@ -51,9 +52,11 @@ PARSE_OFF_LOOP = 2 ** 16    # bodies larger than this are parsed in a thread, no
 
 @dataclass
 class Service:
-    """What the handlers share: the model cache, the worker and its limits."""
+    """What the handlers share: the model cache, the worker and its limits. With several devices
+    `worker` is a Workers (sd/serve/router.py) and `cache` the first device's (the cheap checks and
+    the defaults are the same on every device)."""
     cache: ModelCache
-    worker: Worker
+    worker: Worker | Workers
     speeds: Speeds
     api_token: str | None = None
     max_body: int = 20 * 2 ** 20
@@ -61,6 +64,7 @@ class Service:
     prompt_style: str | None = None           # --prompt-style: for jobs whose dialect leaves it to the server
     guard: ConnectionGuard | None = None      # set when running under uvicorn with GuardedProtocol
     parsing: object = field(default=None, repr=False)  # an anyio CapacityLimiter, made on startup
+    metrics: object = field(default=None, repr=False)  # sd/serve/metrics.py's Metrics, made with the app
 
     @property
     def timeout(self) -> float | None:
@@ -199,18 +203,39 @@ async def workers_ai_search(request):
 BAD_STATES = ("missing", "unreadable", "failed to load")
 
 
+def workers_of(service: Service) -> list[Worker]:
+    return getattr(service.worker, "workers", [service.worker])
+
+
 async def healthz(request):
-    """Liveness and readiness: 503 while shutting down or while a configured model can't load."""
+    """Liveness and readiness: 503 while shutting down or while a configured model can't load.
+    The totals over every device, and each device's own state under `devices`."""
     from starlette.responses import JSONResponse
     service: Service = request.app.state.service
-    states = {model: service.cache.state(model) for model in REGISTRY}
+    workers = workers_of(service)
+    loaded = list(dict.fromkeys(model for w in workers for model in w.cache.loaded))
+    states = {model: "loaded" if model in loaded else service.cache.state(model) for model in REGISTRY}
     problems = [f"{model}: {state}" for model, state in states.items() if state in BAD_STATES]
     ok = not service.worker.closing and not problems
     running = service.worker.running
     return JSONResponse({"ok": ok, "problems": problems, "models": states, "queue": len(service.worker.waiting),
                          "queue_size": service.worker.queue_size, "running": running.job.model if running else None,
-                         "loaded": list(service.cache.loaded), "device": str(service.cache.device),
-                         "closing": service.worker.closing is not None}, status_code=200 if ok else 503)
+                         "loaded": loaded, "device": ",".join(w.name for w in workers),
+                         "closing": service.worker.closing is not None, "devices": [w.health() for w in workers]},
+                        status_code=200 if ok else 503)
+
+
+async def metrics(request):
+    """GET /metrics: the Prometheus text format (sd/serve/metrics.py); behind the API token when one is set."""
+    from starlette.responses import Response
+
+    from .metrics import CONTENT_TYPE
+    service: Service = request.app.state.service
+    try:
+        authorize(request, service.api_token)
+    except RequestError as e:
+        return Response(f"{e}\n", status_code=e.status, headers=e.headers, media_type="text/plain")
+    return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
 
 
 def authorize(request, api_token: str | None, basic: bool = False):
@@ -262,7 +287,7 @@ ROUTES = [("/sdapi/v1/txt2img", a1111_txt2img, "POST"), ("/sdapi/v1/img2img", a1
           ("/client/v4/accounts/{account_id}/ai/run/{model:path}", workers_ai_run, "POST"),
           ("/ai/models/search", workers_ai_search, "GET"),
           ("/client/v4/accounts/{account_id}/ai/models/search", workers_ai_search, "GET"),
-          ("/healthz", healthz, "GET")]
+          ("/healthz", healthz, "GET"), ("/metrics", metrics, "GET")]
 
 
 # ---------------------------------------------------------------- the access log
@@ -284,11 +309,12 @@ def _size_and_steps(note: dict) -> tuple[str, str]:
 class AccessLog:
     """One line per request on the `sd.serve` logger: client, method, path, then id=, model=,
     size=, steps=, status= and seconds, every client-supplied field escaped. Also: the request's
-    id in an X-Request-Id header (500 messages name it), and the connection guard told when the
-    request's headers are in and when its response is out."""
+    id in an X-Request-Id header (500 messages name it), the connection guard told when the
+    request's headers are in and when its response is out, and the request counted in `metrics`
+    by its route's template and its status."""
 
-    def __init__(self, app, guard: ConnectionGuard | None = None):
-        self.app, self.guard = app, guard
+    def __init__(self, app, guard: ConnectionGuard | None = None, metrics=None):
+        self.app, self.guard, self.metrics = app, guard, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -314,6 +340,9 @@ class AccessLog:
             log.info("%s %s %s id=%s model=%s size=%s steps=%s status=%s %.3fs", (client or ("-",))[0],
                      clean(scope.get("method")), clean(scope.get("path", "")), note["id"], clean(note.get("model", "-")),
                      size, steps, shown, time.perf_counter() - start)
+            if self.metrics is not None:
+                route = scope.get("route")  # set by Starlette's router on this scope when a route matched
+                self.metrics.request_done(getattr(route, "path", "-"), status[0] if status else 0)
 
 
 def create_app(service: Service):
@@ -324,8 +353,12 @@ def create_app(service: Service):
         from starlette.exceptions import HTTPException
         from starlette.middleware import Middleware
         from starlette.routing import Route
+
+        from .metrics import Metrics
     except ImportError:
         raise RuntimeError(MISSING_EXTRA) from None
+    if service.metrics is None:
+        service.metrics = Metrics(workers_of(service))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -337,7 +370,7 @@ def create_app(service: Service):
             await service.worker.stop()
 
     app = Starlette(routes=[Route(path, handler, methods=[method]) for path, handler, method in ROUTES],
-                    middleware=[Middleware(AccessLog, guard=service.guard)], lifespan=lifespan,
+                    middleware=[Middleware(AccessLog, guard=service.guard, metrics=service.metrics)], lifespan=lifespan,
                     exception_handlers={HTTPException: http_error, Exception: server_error})
     app.router.redirect_slashes = False  # an API answers 404, not a redirect, for /ai/run/
     app.state.service = service

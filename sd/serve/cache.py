@@ -132,6 +132,7 @@ class ModelCache:
         self.max_bytes = max_bytes if max_bytes is not None else memory_budget(self.device)
         self.pipelines: OrderedDict[str, object] = OrderedDict()
         self.loaded: tuple[str, ...] = ()        # a snapshot of the cache's keys, read without the lock
+        self.held_bytes = 0                      # used_bytes() after the last load, read without the lock
         self.failures: dict[str, str] = {}       # model id -> why its last load failed
         self._checked: dict[tuple, str | None] = {}  # (path, mtime, size) -> problem, so headers are read once
         self.lock = threading.Lock()
@@ -220,7 +221,7 @@ class ModelCache:
             self.failures.pop(model_id, None)
             self.pipelines[model_id] = pipe
             self._evict(keep=model_id)
-            self.loaded = tuple(self.pipelines)
+            self.loaded, self.held_bytes = tuple(self.pipelines), self.used_bytes()
             return pipe
 
     def _load(self, spec):

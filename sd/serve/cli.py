@@ -20,9 +20,10 @@ from ..errors import InputError
 from ..prompts import STYLES
 from ..registry import REGISTRY, Registry, UnknownModel, default_weights_dir, parse_overrides
 from .app import MISSING_EXTRA, Service, create_app
-from .cache import ModelCache
+from .cache import ModelCache, memory_budget
 from .connections import ConnectionGuard
 from .speed import Speeds
+from .router import Workers, unique_names
 from .worker import Worker
 
 log = logging.getLogger("sd.serve")
@@ -65,7 +66,13 @@ def parser() -> argparse.ArgumentParser:
                    help="serve model ID from SOURCE (a .safetensors file or a diffusers folder); repeatable")
     p.add_argument("--api-token", default=None, help="require `Authorization: Bearer TOKEN` "
                                                      "(default: $SD_API_TOKEN; none: no authentication)")
-    p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, mps ... (default: cuda when available); several, comma-"
+                                    "separated (cuda:0,cuda:1), get a worker and model cache each; all: every CUDA "
+                                    "device (else the default one); a device named twice gets two workers (cpu,cpu)")
+    p.add_argument("--max-batch", type=number(int, 1, 1024), default=None,
+                   help="images per UNet batch at most, queued requests that can share one run together; 1: no "
+                        "batching (default: on a GPU what its free memory holds at the model's native size, up to "
+                        "16; elsewhere 4)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                    help="default: float16 on CUDA, float32 elsewhere")
     p.add_argument("--prompt-style", choices=STYLES, default=None,
@@ -91,10 +98,32 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def devices_of(flag: str | None) -> list[str | None]:
+    """The devices --device names, one worker each: None is the default device; `all` is every
+    CUDA device, or the default device on a machine without one."""
+    if flag is None:
+        return [None]
+    if flag.strip() == "all":
+        import torch
+        return [f"cuda:{k}" for k in range(torch.cuda.device_count())] or [None]
+    return [name.strip() for name in flag.split(",")]
+
+
+def model_caches(registry: Registry, devices: list[str | None], dtype, cache_gb: float | None) -> list[ModelCache]:
+    """A model cache per device. Without --cache-gb, workers on one device share its budget."""
+    from ..pipeline import default_device
+    resolved = [device or default_device() for device in devices]
+    return [ModelCache(registry, device=device, dtype=dtype,
+                       max_bytes=int(cache_gb * 2 ** 30) if cache_gb is not None
+                       else memory_budget(device) // resolved.count(device)) for device in resolved]
+
+
 def check_device(name: str | None) -> str | None:
     """Why `name` can't hold tensors on this machine (None: it can, or it is the default)."""
     if name is None:
         return None
+    if not name:
+        return "--device: an empty name in the list (names are separated by single commas)"
     import torch
     try:
         torch.zeros(1, device=torch.device(name))
@@ -120,22 +149,25 @@ def main(argv: list[str] | None = None) -> int:
         overrides = parse_overrides(args.model)
     except (InputError, UnknownModel) as e:
         return _fail(str(e))
-    if problem := check_device(args.device):
+    devices = devices_of(args.device)
+    if problem := next(filter(None, map(check_device, devices)), None):
         return _fail(problem)
     registry = Registry(Path(args.weights_dir) if args.weights_dir else default_weights_dir(), overrides)
     import torch
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
-    cache = ModelCache(registry, device=args.device, dtype=dtype,
-                       max_bytes=int(args.cache_gb * 2 ** 30) if args.cache_gb is not None else None)
+    caches = model_caches(registry, devices, dtype, args.cache_gb)
+    cache = caches[0]  # the startup checks read files: the same on every device
     problems = [f"{model_id}{' (given with --model)' if model_id in overrides else ''}: {problem}"
                 for model_id in REGISTRY if (problem := cache.problem(model_id))]
     if problems:
         return _fail(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     timeout = args.timeout or None
-    speeds = Speeds(timeout, str(cache.device))
+    names = unique_names([str(c.device) for c in caches])
+    speeds = Speeds(timeout, ",".join(names))
+    workers = [Worker(c, speeds, args.queue_size, max_batch=args.max_batch, name=name) for c, name in zip(caches, names)]
     token = args.api_token if args.api_token is not None else os.environ.get("SD_API_TOKEN") or None
     guard = ConnectionGuard(args.read_timeout, args.max_connections)
-    service = Service(cache, Worker(cache, speeds, args.queue_size), speeds, api_token=token,
+    service = Service(cache, workers[0] if len(workers) == 1 else Workers(workers), speeds, api_token=token,
                       max_body=int(args.max_body_mb * 2 ** 20), read_timeout=args.read_timeout, guard=guard,
                       prompt_style=args.prompt_style)
     _log_to_stderr()
@@ -143,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         state = cache.state(model_id)
         log.info("%s", registry.missing_message(model_id) if state in ("missing", "not downloaded")
                  else f"{model_id}: ready ({registry.sources(model_id)[0]})")
-    log.info("device %s, queue %d, body limit %g MiB, timeout %s, read timeout %g s, %d connections, %s", cache.device,
-             args.queue_size, args.max_body_mb, f"{timeout:g} s" if timeout else "none", args.read_timeout,
+    log.info("device %s, max batch %s, queue %d, body limit %g MiB, timeout %s, read timeout %g s, %d connections, "
+             "%s", ", ".join(names), args.max_batch or "auto", args.queue_size, args.max_body_mb, f"{timeout:g} s" if timeout else "none", args.read_timeout,
              args.max_connections, "API token required" if token else "no authentication")
     return serve(uvicorn.Server(uvicorn_config(create_app(service), guard, args.host, args.port)), service)
 
@@ -165,8 +197,7 @@ def serve(server, service: Service) -> int:
     def on_signal(signum, frame):
         if server.should_exit and signum == signal.SIGINT:
             server.force_exit = True
-            if (running := service.worker.running) is not None:
-                running.stop.set()  # the running job stops at its next checkpoint too
+            service.worker.interrupt()  # the running jobs stop at their next checkpoint too
         service.worker.close_from_any_thread("the server is shutting down")
         server.should_exit = True
 
