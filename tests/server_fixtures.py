@@ -342,3 +342,38 @@ def fake_cache(folder: Path, release: bool = True):
             return 0
 
     return FakeCache()
+
+
+# ---------------------------------------------------------------- bad bodies, for every dialect's fuzz test
+
+
+def broken_bodies() -> list[bytes]:
+    """Bodies that are no JSON object, or JSON that no strict parser takes: broken syntax, NaN and
+    Infinity, numbers too large or too long, nesting too deep, not UTF-8, a BOM, UTF-16, NUL bytes,
+    trailing data, a lone surrogate."""
+    return [b"", b" ", b"\n", b"not json", b"{", b"}", b'{"prompt": "x",}', b"{'prompt': 'x'}", b"[]", b'"x"', b"1",
+            b"null", b"true", b"1e999", b'{"prompt": NaN}', b'{"prompt": "x", "guidance": NaN}',
+            b'{"prompt": "x", "guidance": Infinity}', b'{"prompt": "x", "guidance": -Infinity}',
+            b'{"prompt": "x", "strength": 1e999}', b'{"prompt": "x", "seed": -1e999}',
+            b'{"prompt": "x", "seed": ' + b"1" * 5000 + b"}", b'{"prompt": "x", "width": ' + b"2" * 101 + b"}",
+            b"[" * 100000 + b"]" * 100000, b'{"prompt": "x", "seed": ' + b"[" * 50000 + b"]" * 50000 + b"}",
+            b'{"a":' * 30000 + b"1" + b"}" * 30000, b'{"prompt": "\xff\xfe"}', b"\xef\xbb\xbf" + b'{"prompt": "x"}',
+            '{"prompt": "x"}'.encode("utf-16"), b"\x00" * 100, b'{"prompt": "x"} trailing', b'{"prompt": "x"}{}',
+            b'{"prompt": "x", "prompt": 5}', b'{"prompt": "\\ud800"}', b'{"prompt": "x", "image": [1, 2, }']
+
+
+def random_json(rng, depth: int, keys: list[str]):
+    """A random JSON value: numbers, text, constants, arrays and objects (whose names are drawn from `keys`)."""
+    kind = rng.integers(0, 7 if depth else 4)
+    if kind == 0:
+        return int(rng.integers(-10 ** 9, 10 ** 9))
+    if kind == 1:
+        return float(rng.normal() * 1e6)
+    if kind == 2:
+        return "".join(chr(int(c)) for c in rng.integers(32, 0x2FF, int(rng.integers(0, 10))))
+    if kind == 3:
+        return [None, True, False][int(rng.integers(0, 3))]
+    if kind == 4:
+        return [random_json(rng, depth - 1, keys) for _ in range(int(rng.integers(0, 4)))]
+    return {keys[int(rng.integers(0, len(keys)))]: random_json(rng, depth - 1, keys)
+            for _ in range(int(rng.integers(0, 4)))}

@@ -26,12 +26,13 @@ from sd.serve.workers_ai import NO_ROUTE, code_of, to_job
 
 pytest.register_assert_rewrite("server_fixtures")  # before the import below, which the plugin line then reuses
 from server_fixtures import (IMG2IMG, INPAINT, LCM, LIGHTNING, PNG_SIGNATURE, REPO, SDXL, TOKEN,  # noqa: E402
-                             InProcessServer, LogWatch, ServerProcess, decode, mask_png, picture, png_bytes,
-                             wait_until, write_sd15)
+                             InProcessServer, LogWatch, ServerProcess, broken_bodies, decode, mask_png, picture,
+                             png_bytes, random_json, wait_until, write_sd15)
 
 pytest_plugins = ["server_fixtures"]
 
 SMALL = {"width": 256, "height": 256, "num_steps": 2, "seed": 1}
+KEYS = ["prompt", "width", "height", "image", "mask", "seed", "num_steps", "zzz"]  # random JSON's field names
 
 
 def run(client, model, body, prefix="/ai/run/", **kw) -> httpx.Response:
@@ -412,43 +413,18 @@ def bad_requests():
         yield f"extra {list(extra)[:3]}", json.dumps({**base, **extra}).encode(), 400
     for body in ({}, {"width": 256}, {"negative_prompt": "x"}):
         yield f"no prompt {body}", json.dumps(body).encode(), 400
-    raw = [b"", b" ", b"\n", b"not json", b"{", b"}", b'{"prompt": "x",}', b"{'prompt': 'x'}", b"[]", b'"x"', b"1",
-           b"null", b"true", b"1e999", b'{"prompt": NaN}', b'{"prompt": "x", "guidance": NaN}',
-           b'{"prompt": "x", "guidance": Infinity}', b'{"prompt": "x", "guidance": -Infinity}',
-           b'{"prompt": "x", "strength": 1e999}', b'{"prompt": "x", "seed": -1e999}',
-           b'{"prompt": "x", "seed": ' + b"1" * 5000 + b"}", b'{"prompt": "x", "width": ' + b"2" * 101 + b"}",
-           b"[" * 100000 + b"]" * 100000, b'{"prompt": "x", "seed": ' + b"[" * 50000 + b"]" * 50000 + b"}",
-           b'{"a":' * 30000 + b"1" + b"}" * 30000, b'{"prompt": "\xff\xfe"}', b"\xef\xbb\xbf" + b'{"prompt": "x"}',
-           '{"prompt": "x"}'.encode("utf-16"), b"\x00" * 100, b'{"prompt": "x"} trailing', b'{"prompt": "x"}{}',
-           b'{"prompt": "x", "prompt": 5}', b'{"prompt": "\\ud800"}', b'{"prompt": "x", "image": [1, 2, }']
-    for i, body in enumerate(raw):
+    for i, body in enumerate(broken_bodies()):
         yield f"raw #{i} {body[:30]!r}", body, 400
     rng = np.random.default_rng(0)
     for i in range(60):
         yield f"random bytes #{i}", rng.integers(0, 256, int(rng.integers(1, 2000)), dtype=np.uint8).tobytes(), 400
     for i in range(40):  # valid JSON, random structure; an unknown field keeps any of it from being valid
-        value = random_json(rng, 4)
+        value = random_json(rng, 4, KEYS)
         yield f"random JSON #{i}", json.dumps({**value, "zzz": 1} if isinstance(value, dict) else value).encode(), 400
     limit = 4 * 2 ** 20
     yield "oversize prompt", json.dumps({"prompt": "x" * limit}).encode(), 413
     yield "oversize image", json.dumps({**base, "image": [7] * (limit // 2)}).encode(), 413
     yield "oversize junk", b"{" * (limit + 1), 413
-
-
-def random_json(rng, depth):
-    kind = rng.integers(0, 7 if depth else 4)
-    if kind == 0:
-        return int(rng.integers(-10 ** 9, 10 ** 9))
-    if kind == 1:
-        return float(rng.normal() * 1e6)
-    if kind == 2:
-        return "".join(chr(int(c)) for c in rng.integers(32, 0x2FF, int(rng.integers(0, 10))))
-    if kind == 3:
-        return [None, True, False][int(rng.integers(0, 3))]
-    if kind == 4:
-        return [random_json(rng, depth - 1) for _ in range(int(rng.integers(0, 4)))]
-    keys = ["prompt", "width", "height", "image", "mask", "seed", "num_steps", "zzz"]
-    return {keys[int(rng.integers(0, len(keys)))]: random_json(rng, depth - 1) for _ in range(int(rng.integers(0, 4)))}
 
 
 # ---------------------------------------------------------------- the other routes, logs, shutdown

@@ -147,7 +147,7 @@ SAMPLER_EXTRAS = ("s_churn", "s_tmin", "s_tmax", "s_noise")  # A1111 passes thes
 EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")                  # A1111's <lora:name:weight> and kin
 AND = re.compile(r"\bAND\b")
 INNER_BRACKETS = re.compile(r"(?<!\\)\[((?:[^\[\]\\]|\\.)*)(?<!\\)\]")
-SCHEDULED = re.compile(r"[^:]*(?::[^:]*)?:\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*")
+SCHEDULED = re.compile(r".*:\s*[+-]?(?:\d+\.?\d*|\.\d+)\s*", re.S)  # [from:to:when], [to:when]
 
 
 def error_reply(status: int, messages: list[str], headers: dict | None = None) -> Reply:
