@@ -27,9 +27,10 @@ from dataclasses import dataclass, field
 from ..errors import InputError
 from ..registry import REGISTRY, UnknownModel, WeightsMissing, spec_of
 from . import a1111
-from . import workers_ai
+from . import openai, workers_ai
 from .cache import LoadFailed, ModelCache, SourceProblem
 from .connections import ConnectionGuard, read_body
+from .image_files import ImageFiles
 from .jobs import GenerationJob, GenerationResult, Reply, RequestError
 from .speed import Speeds, TooSlow
 from .router import Workers
@@ -63,6 +64,7 @@ class Service:
     read_timeout: float = 30.0
     prompt_style: str | None = None           # --prompt-style: for jobs whose dialect leaves it to the server
     guard: ConnectionGuard | None = None      # set when running under uvicorn with GuardedProtocol
+    image_files: ImageFiles = field(default_factory=ImageFiles)  # pictures answered as URLs (OpenAI's dialect)
     parsing: object = field(default=None, repr=False)  # an anyio CapacityLimiter, made on startup
     metrics: object = field(default=None, repr=False)  # sd/serve/metrics.py's Metrics, made with the app
 
@@ -200,6 +202,21 @@ async def workers_ai_search(request):
         return respond(workers_ai.error_reply(*answer(e, request.scope["sd.log"]["id"])))
 
 
+async def openai_images(request):
+    """The OpenAI Images API (sd/serve/openai.py): generations and edits run as every generation
+    does; the dialect answers the model list and the pictures kept for URL replies."""
+    service: Service = request.app.state.service
+    dialect = openai.Dialect(request.url.path, service.cache.registry, service.image_files, str(request.base_url))
+    if request.method == "POST":
+        return respond(await generation(request, dialect, None))
+    try:
+        if "name" not in request.path_params:  # a kept picture's unguessable name is its own credential
+            authorize(request, service.api_token)
+        return respond(dialect.lookup(request.path_params))
+    except Exception as e:
+        return respond(dialect.error_reply(*answer(e, request.scope["sd.log"]["id"])))
+
+
 BAD_STATES = ("missing", "unreadable", "failed to load")
 
 
@@ -259,7 +276,7 @@ def authorize(request, api_token: str | None, basic: bool = False):
 
 # Which dialect's envelope answers a path the framework itself refuses (no route, wrong method)
 # or an unexpected error: the first whose prefix the path starts with; Workers AI's otherwise.
-ENVELOPES: list[tuple[str, object]] = [("/sdapi/", a1111)]
+ENVELOPES: list[tuple[str, object]] = [("/v1/", openai), ("/sdapi/", a1111)]
 
 
 def envelope_for(path: str):
@@ -287,7 +304,10 @@ ROUTES = [("/sdapi/v1/txt2img", a1111_txt2img, "POST"), ("/sdapi/v1/img2img", a1
           ("/client/v4/accounts/{account_id}/ai/run/{model:path}", workers_ai_run, "POST"),
           ("/ai/models/search", workers_ai_search, "GET"),
           ("/client/v4/accounts/{account_id}/ai/models/search", workers_ai_search, "GET"),
-          ("/healthz", healthz, "GET"), ("/metrics", metrics, "GET")]
+          ("/healthz", healthz, "GET"), ("/metrics", metrics, "GET"),
+          (openai.GENERATIONS, openai_images, "POST"), (openai.EDITS, openai_images, "POST"),
+          ("/v1/models", openai_images, "GET"), ("/v1/models/{model:path}", openai_images, "GET"),
+          ("/v1/images/files/{name}", openai_images, "GET")]
 
 
 # ---------------------------------------------------------------- the access log

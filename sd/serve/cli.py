@@ -22,6 +22,7 @@ from ..registry import REGISTRY, Registry, UnknownModel, default_weights_dir, pa
 from .app import MISSING_EXTRA, Service, create_app
 from .cache import ModelCache, memory_budget
 from .connections import ConnectionGuard
+from .image_files import DEFAULT_TTL, ImageFiles
 from .speed import Speeds
 from .router import Workers, unique_names
 from .worker import Worker
@@ -95,7 +96,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-connections", type=number(int, 1, 100_000), default=DEFAULT_MAX_CONNECTIONS,
                    help=f"open connections at most; more are answered 503 and closed (default "
                         f"{DEFAULT_MAX_CONNECTIONS})")
+    p.add_argument("--url-ttl", type=number(float, 0, 86400), default=DEFAULT_TTL,
+                   help="seconds a picture answered as a URL (OpenAI's response_format url) is kept; 0: such "
+                        f"requests are refused (default {DEFAULT_TTL:g})")
+    p.add_argument("--public-url", type=public_url, default=None, metavar="URL",
+                   help="this server's address as clients reach it (https://host/prefix behind a proxy), for the "
+                        "URLs of kept pictures (default: the Host each request names)")
     return p
+
+
+def public_url(text: str) -> str:
+    """An argparse type: an http(s) URL with a host, no query or fragment."""
+    from urllib.parse import urlsplit
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise argparse.ArgumentTypeError(f"must be http(s)://host[:port][/path], got {text!r}")
+    return text
 
 
 def devices_of(flag: str | None) -> list[str | None]:
@@ -169,7 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     guard = ConnectionGuard(args.read_timeout, args.max_connections)
     service = Service(cache, workers[0] if len(workers) == 1 else Workers(workers), speeds, api_token=token,
                       max_body=int(args.max_body_mb * 2 ** 20), read_timeout=args.read_timeout, guard=guard,
-                      prompt_style=args.prompt_style)
+                      prompt_style=args.prompt_style,
+                      image_files=ImageFiles(args.url_ttl, args.public_url))
     _log_to_stderr()
     for model_id in REGISTRY:  # the server's own log: paths are shown here
         state = cache.state(model_id)
