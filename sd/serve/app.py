@@ -28,6 +28,7 @@ from ..errors import InputError
 from ..registry import REGISTRY, UnknownModel, WeightsMissing, spec_of
 from . import a1111
 from . import openai, workers_ai
+from . import native, playground
 from .cache import LoadFailed, ModelCache, SourceProblem
 from .connections import ConnectionGuard, read_body
 from .image_files import ImageFiles
@@ -67,6 +68,7 @@ class Service:
     image_files: ImageFiles = field(default_factory=ImageFiles)  # pictures answered as URLs (OpenAI's dialect)
     parsing: object = field(default=None, repr=False)  # an anyio CapacityLimiter, made on startup
     metrics: object = field(default=None, repr=False)  # sd/serve/metrics.py's Metrics, made with the app
+    jobs: object = field(default=None, repr=False)     # jobs clients follow (sd/serve/progress.py), made on first use
 
     @property
     def timeout(self) -> float | None:
@@ -192,6 +194,32 @@ async def a1111_call(request):
         return respond(a1111.error_reply(*answer(e, request.scope["sd.log"]["id"])))
 
 
+async def native_generate(request):
+    """POST /v1/sd/generate (sd/serve/native.py): its job's id is claimed before the body is read,
+    so that the job's events can be followed from the start."""
+    service: Service = request.app.state.service
+    ref = request.scope["sd.log"]["id"]
+    try:
+        authorize(request, service.api_token)
+        dialect = native.Generation.claim(service, request.headers.get("x-job-id"), ref)
+    except Exception as e:
+        return respond(native.error_reply(*answer(e, ref)))
+    return respond(await generation(request, dialect, None))
+
+
+def native_route(endpoint):
+    """A route of sd's JSON dialect other than generate: authorized, errors in the dialect's shape."""
+    async def handler(request):
+        service: Service = request.app.state.service
+        try:
+            authorize(request, service.api_token)
+            reply = await endpoint(request, service)
+        except Exception as e:
+            reply = native.error_reply(*answer(e, request.scope["sd.log"]["id"]))
+        return respond(reply) if isinstance(reply, Reply) else reply  # or a stream
+    return handler
+
+
 async def workers_ai_search(request):
     service: Service = request.app.state.service
     try:
@@ -276,7 +304,7 @@ def authorize(request, api_token: str | None, basic: bool = False):
 
 # Which dialect's envelope answers a path the framework itself refuses (no route, wrong method)
 # or an unexpected error: the first whose prefix the path starts with; Workers AI's otherwise.
-ENVELOPES: list[tuple[str, object]] = [("/v1/", openai), ("/sdapi/", a1111)]
+ENVELOPES: list[tuple[str, object]] = [("/v1/sd/", native), ("/v1/", openai), ("/sdapi/", a1111)]
 
 
 def envelope_for(path: str):
@@ -308,6 +336,16 @@ ROUTES = [("/sdapi/v1/txt2img", a1111_txt2img, "POST"), ("/sdapi/v1/img2img", a1
           (openai.GENERATIONS, openai_images, "POST"), (openai.EDITS, openai_images, "POST"),
           ("/v1/models", openai_images, "GET"), ("/v1/models/{model:path}", openai_images, "GET"),
           ("/v1/images/files/{name}", openai_images, "GET")]
+
+# sd's own dialect (sd/serve/native.py), and the playground page that uses it (public: it asks for the token)
+ROUTES += [("/", playground.page, "GET"), ("/static/{name}", playground.asset, "GET"),
+           ("/v1/sd/models", native_route(native.models), "GET"),
+           ("/v1/sd/samplers", native_route(native.samplers), "GET"),
+           ("/v1/sd/schedules", native_route(native.schedules), "GET"),
+           ("/v1/sd/generate", native_generate, "POST"),
+           ("/v1/sd/jobs/{job}", native_route(native.job_state), "GET"),
+           ("/v1/sd/jobs/{job}/events", native_route(native.job_events), "GET"),
+           ("/v1/sd/jobs/{job}/cancel", native_route(native.job_cancel), "POST")]
 
 
 # ---------------------------------------------------------------- the access log

@@ -293,7 +293,7 @@ def schedules_reply() -> Reply:
 def tracker(service) -> Tracker:
     """The service's followed jobs, made on first use (on the event loop)."""
     if service.jobs is None:
-        service.jobs = Tracker(service.worker, service.cache)
+        service.jobs = Tracker(service.worker)
     return service.jobs
 
 

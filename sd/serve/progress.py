@@ -84,8 +84,8 @@ def sse(name: str, data: dict) -> bytes:
 class Tracker:
     """The followed jobs of one server, by job id."""
 
-    def __init__(self, worker, cache):
-        self.worker, self.cache = worker, cache
+    def __init__(self, worker):
+        self.worker = worker  # a Worker, or a router's Workers (sd/serve/router.py)
         self.loop = asyncio.get_running_loop()
         self.jobs: dict[str, Followed] = {}
         self.live: dict[str, Followed] = {}   # by request id: jobs whose POST is under way
@@ -129,8 +129,8 @@ class Tracker:
                 preview = self._preview(ticket)
             except Exception:  # a preview is never worth a job
                 log.exception("request %s: no preview", ticket.ref)
-        # a job is queued on the event loop (Worker.submit), where it has just been put last
-        place = len(self.worker.waiting) if ticket.state == "queued" else 0
+        # a job is queued on the event loop (Worker.submit), where it has just been put last in its worker's queue
+        place = len(ticket.worker.waiting) if ticket.state == "queued" else 0
         try:
             self.loop.call_soon_threadsafe(self._changed, job, ticket, ticket.state, ticket.step, ticket.steps,
                                            preview, place)
@@ -142,7 +142,7 @@ class Tracker:
         from PIL import Image
 
         from ..preview import preview
-        pictures = preview(self.cache.get(ticket.job.model), ticket.denoised)
+        pictures = preview(ticket.worker.cache.get(ticket.job.model), ticket.denoised)  # loaded: it runs
         for p in pictures:
             p.thumbnail((PREVIEW_SIDE, PREVIEW_SIDE))
         strip = Image.new("RGB", (sum(p.width for p in pictures), max(p.height for p in pictures)))
@@ -174,12 +174,13 @@ class Tracker:
             self._publish(job, *job._progress())
 
     def _positions(self):
-        """Tell each queued job followed here where it stands, if that changed."""
-        for place, ticket in enumerate(self.worker.waiting, 1):
-            job = self.live.get(ticket.ref)
-            if job is not None and job.state == "queued" and job.position != place:
-                job.position = place
-                self._publish(job, "queued", {"job": job.id, "position": place})
+        """Tell each queued job followed here where it stands in its device's queue, if that changed."""
+        for worker in getattr(self.worker, "workers", [self.worker]):  # a router's devices, or the one
+            for place, ticket in enumerate(worker.waiting, 1):
+                job = self.live.get(ticket.ref)
+                if job is not None and job.state == "queued" and job.position != place:
+                    job.position = place
+                    self._publish(job, "queued", {"job": job.id, "position": place})
 
     # ------------------------------------------------------------ cancelling
 
@@ -188,8 +189,7 @@ class Tracker:
         A job that has finished stays as it is."""
         if job.state not in TERMINAL and not job.cancelled:
             job.cancelled = True
-            ticket = next((t for t in (*self.worker.waiting, self.worker.running)
-                           if t is not None and t.ref == job.ref), None)
+            ticket = next((t for t in (*self.worker.waiting, *self.worker.running_batch) if t.ref == job.ref), None)
             if ticket is not None:
                 self._stop(job, ticket)
         return job.snapshot()
