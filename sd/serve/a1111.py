@@ -51,7 +51,6 @@ import re
 import threading
 import time
 import weakref
-from dataclasses import replace
 
 from ..registry import DEFAULT_MODEL, REGISTRY
 from . import a1111_names as names
@@ -208,7 +207,8 @@ class ServerState:
             self.clip_skip = updates.get("CLIP_stop_at_last_layers", self.clip_skip)
 
     def request_of(self, job):
-        found = self.requests.get(id(job))
+        with self.lock:
+            found = self.requests.get(id(job))
         return found if found is not None and found.job is job else None
 
     def changed(self, ticket):
@@ -312,7 +312,8 @@ class Generation:
         if errors:
             raise RequestError(400, errors)
         self.job = GenerationJob(model, kwargs)
-        self.state.requests[id(self.job)] = self
+        with self.state.lock:  # to_job may run in a parsing thread
+            self.state.requests[id(self.job)] = self
         return self.job
 
     def _checked(self, data: dict, errors: list[str]) -> dict:
@@ -493,7 +494,8 @@ class Generation:
 
     def _done(self):
         if self.job is not None:
-            self.state.requests.pop(id(self.job), None)
+            with self.state.lock:
+                self.state.requests.pop(id(self.job), None)
 
 
 # ---------------------------------------------------------------- reading fields
