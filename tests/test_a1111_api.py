@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import threading
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -230,6 +231,14 @@ def test_fill_paints_the_hole_with_the_colours_around_it():
     hole = decode(filled)[28:36, 12:20].astype(int)
     assert hole[..., 1].max() < 60 and hole[..., 0].min() > 120  # red around it, the green gone
     assert np.array_equal(decode(filled)[mask == 0], array[mask == 0])
+
+
+def test_the_readme_names_what_the_table_serves_and_refuses():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("### AUTOMATIC1111 API", 1)[1].split("\n## ", 1)[0]
+    for name in ([s.label for s in names.SAMPLERS] + [s.label for s in names.SCHEDULES] + list(names.SAMPLERS_NOT_IN_SD)
+                 + list(names.SCHEDULES_NOT_IN_SD) + [s.sampler for s in names.SAMPLERS if s.label.lower() != s.sampler]):
+        assert name in section, name
 
 
 def test_prompt_style_flag():
