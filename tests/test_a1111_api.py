@@ -157,7 +157,8 @@ def test_sillytavern_body(client):
             "scheduler": "Karras", "steps": 2, "cfg_scale": 7, "width": 64, "height": 64, "restore_faces": False,
             "enable_hr": False, "hr_upscaler": "Latent", "hr_scale": 2, "hr_additional_modules": [],
             "denoising_strength": 0.7, "hr_second_pass_steps": 0, "seed": 42,
-            "override_settings": {"CLIP_stop_at_last_layers": 2}, "override_settings_restore_afterwards": True,
+            "override_settings": {"CLIP_stop_at_last_layers": 2, "sd_vae": "None"},
+            "override_settings_restore_afterwards": True,
             "clip_skip": 2, "save_images": True, "send_images": True, "do_not_save_grid": False,
             "do_not_save_samples": False}
     reply = client.post("/sdapi/v1/txt2img", json=body)

@@ -274,6 +274,8 @@ def check_option(key: str, value):
                                     f"got {shown(value)}")
         return value
     if key in FIXED_OPTIONS:
+        if key == "sd_vae" and value == "None":  # A1111's "the checkpoint's own VAE": what sd always uses
+            return value
         if value != FIXED_OPTIONS[key] or type(value) is not type(FIXED_OPTIONS[key]):
             raise RequestError(400, f"{key}: sd serves it fixed at {json.dumps(FIXED_OPTIONS[key])}, "
                                     f"got {shown(value)}")
