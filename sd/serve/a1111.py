@@ -206,6 +206,11 @@ class ServerState:
             self.checkpoint = updates.get("sd_model_checkpoint", self.checkpoint)
             self.clip_skip = updates.get("CLIP_stop_at_last_layers", self.clip_skip)
 
+    def pipeline(self, ticket):
+        """The ticket's model as its own worker (device) holds it; loaded, since the job runs."""
+        cache = ticket.worker.cache if getattr(ticket, "worker", None) is not None else self.service.cache
+        return cache.pipelines.get(ticket.job.model)
+
     def request_of(self, job):
         with self.lock:
             found = self.requests.get(id(job))
@@ -217,7 +222,7 @@ class ServerState:
         if ticket.state != "stopped" or (request := self.request_of(ticket.job)) is None or not request.interrupted:
             return
         try:
-            result = partial_result(self.service.cache.pipelines.get(ticket.job.model), ticket)
+            result = partial_result(self.pipeline(ticket), ticket)
         except Exception as e:  # handed to the request, which answers 500 and logs it
             result = e
         loop = ticket.future.get_loop()
@@ -677,7 +682,7 @@ async def progress(state: ServerState, query: dict) -> Reply:
     st.update(job=request.mode if request else "generation", job_count=1, sampling_step=step, sampling_steps=steps,
               job_timestamp=time.strftime("%Y%m%d%H%M%S", time.localtime(ticket.started)),
               interrupted=bool(request and request.interrupted))
-    pipe = state.service.cache.pipelines.get(ticket.job.model)  # loaded: its job is running
+    pipe = state.pipeline(ticket)
     image = None
     if skip in FALSE and denoised is not None and pipe is not None:
         import anyio
@@ -699,11 +704,12 @@ def preview_png(pipe, latents) -> str:
 
 
 def interrupt(state: ServerState) -> Reply:
-    """Stop the running job at its next checkpoint if an A1111 request made it (another dialect's
-    client gets no say from here); its request then answers with what it has. Always {} as A1111."""
-    ticket = state.service.worker.running
-    request = state.request_of(ticket.job) if ticket is not None else None
-    if request is not None and ticket.state in ("queued", "running"):
-        request.interrupted = True
-        state.service.worker.abandon(ticket)
+    """Stop the running jobs (a batch may run several) that A1111 requests made, each at its next
+    step or checkpoint (another dialect's clients get no say from here); their requests then answer
+    with what they have. Always {} as A1111."""
+    for ticket in state.service.worker.running_batch:
+        request = state.request_of(ticket.job)
+        if request is not None and ticket.state in ("queued", "running"):
+            request.interrupted = True
+            state.service.worker.abandon(ticket)
     return _json({})
