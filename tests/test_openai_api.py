@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,8 +32,8 @@ from sd.serve.jobs import RequestError
 from sd.serve.openai import EDITS, GENERATION_FIELDS, GENERATIONS, Dialect
 
 pytest.register_assert_rewrite("server_fixtures")  # before the import below, which the plugin line then reuses
-from server_fixtures import (IMG2IMG, INPAINT, LCM, SDXL, TOKEN, InProcessServer, decode, fake_cache,  # noqa: E402
-                             picture, png_bytes, wait_until)
+from server_fixtures import (IMG2IMG, INPAINT, LCM, SDXL, TOKEN, InProcessServer, LogWatch, decode,  # noqa: E402
+                             fake_cache, picture, png_bytes, wait_until)
 
 pytest_plugins = ["server_fixtures"]
 
@@ -320,6 +321,22 @@ def test_rate_limit_server_errors_and_timeouts_in_process(tmp_path):
         server.stop()
 
 
+def test_a_client_that_leaves_stops_its_job(tmp_path):
+    cache = fake_cache(tmp_path, release=False)
+    server, log = InProcessServer(cache), LogWatch()
+    try:
+        body = json.dumps({"model": LCM, "prompt": "x", "size": "256x256", "n": 2}).encode()
+        with socket.create_connection(("127.0.0.1", server.port)) as s:
+            s.sendall(f"POST {GENERATIONS} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+            wait_until(lambda: LCM in cache.fakes and cache.fakes[LCM].started.is_set(), "running")
+        assert cache.fakes[LCM].stopped.wait(60)  # stopped where it ran, not finished
+        line = log.wait_for("status=499")
+        assert f"POST {GENERATIONS} " in line and f"model={LCM} size=256x256 " in line
+    finally:
+        log.detach()
+        server.stop()
+
+
 def test_kept_pictures_expire_and_the_public_url(tmp_path):
     now = [0.0]
     server = InProcessServer(fake_cache(tmp_path))
@@ -509,13 +526,15 @@ def _allowed(field, v) -> bool:
 @st.composite
 def bad_generation(draw) -> bytes:
     base = {"model": LCM, "prompt": "a cat", "size": "256x256", "num_steps": 1}
-    kind = draw(st.sampled_from(["field", "field", "field", "unknown", "not an object", "raw"]))
+    kind = draw(st.sampled_from(["field", "field", "field", "model", "unknown", "not an object", "raw"]))
     if kind == "field":
         field = draw(st.sampled_from([*ONE_OF, *INTEGERS, "size", "guidance", "prompt", "negative_prompt", "user"]))
         nullable = field not in ("prompt", "user")
         value = draw((JSON_VALUES | st.from_regex(r"-?\d{1,5}[xX*]\d{1,5}", fullmatch=True)).filter(
             lambda v: not _allowed(field, v) and not (v is None and nullable)))
         return json.dumps({**base, field: value}).encode()
+    if kind == "model":  # no such model (404), or no model at all ("" is not a name: 400)
+        return json.dumps({**base, "model": draw(st.text(max_size=30).filter(lambda t: t not in REGISTRY))}).encode()
     if kind == "unknown":
         extra = draw(st.dictionaries(st.text(min_size=1, max_size=8).filter(lambda k: k not in GENERATION_FIELDS),
                                      JSON_VALUES, min_size=1, max_size=3))
