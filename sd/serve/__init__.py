@@ -3,6 +3,8 @@
     jobs.py         GenerationJob, what every API dialect hands the worker; its result; RequestError
     workers_ai.py   the Workers AI dialect: its JSON -> GenerationJob; results, errors, model search -> its replies
     a1111.py        the AUTOMATIC1111 API dialect (/sdapi/v1); a1111_names.py its sampler and schedule names
+    openai.py       the OpenAI Images API dialect (/v1/images, /v1/models); multipart.py reads its edits'
+                    bodies, image_files.py keeps the pictures it answers as URLs
     cache.py        registry models loaded on first use and kept while they fit; cheap source checks
     speed.py        how long a job takes on this device (measured), and the refusal of hopeless jobs
     worker.py       the bounded queue and the thread that runs the jobs, one at a time, stoppable
