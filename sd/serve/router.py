@@ -25,7 +25,10 @@ def pick(workers: list[Worker], model: str) -> Worker:
     if not open_:
         workers[0].check_open()  # 503 while closing, else 429: every queue is full
         raise AssertionError("a worker refused nothing yet none is open")
-    return min(open_, key=lambda w: w.backlog + (0 if w.expects(model) else LOAD_COST))
+    def cost(worker):
+        load = 0 if worker.expects(model) else LOAD_COST
+        return worker.backlog + load, load  # a tie goes to the worker that has the model
+    return min(open_, key=cost)
 
 
 class Workers:

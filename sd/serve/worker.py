@@ -100,6 +100,8 @@ class Worker:
     # ------------------------------------------------------------ on the event loop
 
     def start(self):
+        """Open the queue and start taking jobs, on the running event loop (again after stop())."""
+        self.closing = None
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sd-worker")
