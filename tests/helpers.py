@@ -10,6 +10,9 @@ from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPM
                        KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
                        PNDMScheduler, UniPCMultistepScheduler)
 
+from sd import clip as sd_clip
+from sd import unet as sd_unet
+from sd import vae as sd_vae
 from sd.schedule import ScheduleConfig
 
 # sd's sampler name -> its diffusers twin: the scheduler class and the settings that pick the sampler
@@ -250,3 +253,172 @@ def tiny_sd15_components(text_width: int = 64, in_channels: int = 4, time_cond_p
         randomize_params(model, seed=seed)
     tokenizer = CLIPTokenizer.from_pretrained(str(ASSETS), model_max_length=77)
     return dict(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer)
+
+
+# ---------------------------------------------------------------- shared settings and models of the image tests
+
+# The SD 1.5 image tests' prompt and settings (test_pipeline, test_img2img, test_lcm).
+PROMPT = "a red circle on a blue square"
+NEGATIVE = "blurry, low quality"
+STEPS, GUIDANCE, SEED = 6, 6.0, 3
+
+# SD 1.5's scheduler settings, every value stated (a scheduler built in memory remembers which values
+# were defaults and `X.from_config` would replace those with X's own defaults).
+SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                     prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, clip_sample=False,
+                     set_alpha_to_one=False)
+
+# Long prompts (test_prompts, test_prompt_images).
+# Comma-separated phrases (no ". ; :", which compel also splits at). SD15_LONG: 103 tokens, commas at
+# 68 and 78, so A1111 and compel cut after the 69th token (plain slicing: 75). SDXL_LONG: 176 tokens;
+# the first window ends on a comma (75th token), so it is also what a 77-token truncation reads (compel
+# takes SDXL's pooled output from that); the second ends after its comma at 146 (72 tokens, not 75).
+SD15_LONG = ", ".join([
+    "a cosy cabin in the snowy woods", "warm light in the windows", "smoke rising from the chimney",
+    "pine trees heavy with snow", "a frozen lake in front", "mountains behind", "starry night sky", "aurora borealis",
+    "highly detailed", "digital painting", "soft colours", "by a famous artist", "trending on an art site",
+    "wide angle", "sharp focus", "dramatic lighting with long blue shadows and drifting mist",
+    "a wooden sled by the door", "a red scarf on a fence post", "footprints in the fresh powder", "an owl watching"])
+SDXL_LONG = ", ".join(SD15_LONG.split(", ")[:15] + [
+    "dramatic lighting", "cinematic composition", "a wooden sled by the door", "a red scarf on a fence post",
+    "footprints in the fresh powder", "an owl watching from a branch", "a fox hiding behind a rock",
+    "icicles hanging from the roof", "a lantern glowing on the porch", "a pile of firewood",
+    "a snowman with a carrot nose and a tall black hat", "children playing far away", "a distant little village",
+    "church bells ringing", "a quiet winter evening", "oil on canvas", "masterpiece", "best quality",
+    "a feeling of peace and calm"])
+
+# The SDXL image tests' (test_sdxl, test_sdxl_modes). "!" is bigG's padding token: a prompt containing it
+# must still pool at the first end-of-text token.
+XL_PROMPT = "a red circle on a blue square!"
+XL_NEGATIVE = "blurry, low quality!!"
+XL_STEPS, XL_GUIDANCE, XL_SEED = 4, 5.0, 3
+
+# The official SDXL scheduler_config.json (stabilityai/stable-diffusion-xl-base-1.0), DDIM's options included.
+SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                      prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
+                      interpolation_type="linear", use_karras_sigmas=False, clip_sample=False, set_alpha_to_one=False,
+                      skip_prk_steps=True, sample_max_value=1.0)
+
+# Tiny models that follow the families' rules, which single-file loading relies on (configs inferred from
+# shapes): SD 1.5's 8 heads per UNet level, SDXL's 64 channels per head (UNet and both text encoders),
+# CLIP heads = width // 64, GroupNorm with 32 groups.
+TEXT_WIDTH = 64                      # every tiny text encoder: CLIP-L and bigG alike
+CONTEXT_DIM = 2 * TEXT_WIDTH         # SDXL conditions on both penultimate hidden states, side by side
+TIME_EMBED_DIM = 8                   # per size/crop number (SDXL: 256)
+ADM_IN = TEXT_WIDTH + 6 * TIME_EMBED_DIM  # bigG pooled + 6 size/crop numbers (SDXL: 1280 + 6 * 256 = 2816)
+
+
+def save_folder(models: dict, scheduler, path):
+    """A tiny SD 1.5 diffusers folder: `models` (tiny_sd15_components) and `scheduler`, save_pretrained."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(**models, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(path)
+    return path
+
+
+def tokenizers():
+    """SDXL's two tokenizers: the second pads with "!" (id 0), the first with <|endoftext|>."""
+    from transformers import CLIPTokenizer
+
+    from sd.tokenizer import ASSETS
+    return (CLIPTokenizer.from_pretrained(str(ASSETS), model_max_length=77),
+            CLIPTokenizer.from_pretrained(str(ASSETS), model_max_length=77, pad_token="!"))
+
+
+def tiny_sdxl_unet(**kw):
+    """The tiny SDXL UNet of the diffusers folders: attention on the second level only (as SDXL's first
+    level), two transformer layers there and in the middle, heads = channels // 64 (SDXL's rule)."""
+    from diffusers import UNet2DConditionModel
+    cfg = dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=2,
+               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+               attention_head_dim=(1, 2),  # diffusers' legacy name: these are head counts
+               transformer_layers_per_block=(1, 2), use_linear_projection=True, cross_attention_dim=CONTEXT_DIM,
+               addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
+               projection_class_embeddings_input_dim=ADM_IN, norm_num_groups=32)
+    return UNet2DConditionModel(**{**cfg, **kw})
+
+
+def hf_text_config(act: str, **kw):
+    """A tiny transformers CLIPTextConfig (CLIP-L's quick_gelu, or bigG's gelu with a projection)."""
+    from transformers import CLIPTextConfig
+    return CLIPTextConfig(hidden_size=TEXT_WIDTH, intermediate_size=37, num_attention_heads=TEXT_WIDTH // 64,
+                          num_hidden_layers=3, vocab_size=49408, max_position_embeddings=77, hidden_act=act, **kw)
+
+
+def picture(w=64, h=48, seed=0):
+    """Smooth colour gradients plus noise: a picture the VAE's round trip visibly changes."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
+    base = np.stack([xx, yy, 1 - xx * yy], axis=-1) * 200 + rng.normal(0, 25, (h, w, 3))
+    return Image.fromarray(base.clip(0, 255).astype(np.uint8))
+
+
+# ---------------------------------------------------------------- our own tiny models, for single files
+
+# SD 1.5: attention at both levels (the folder models have it at the second level only).
+UNET_TINY = sd_unet.UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=2, transformer_depth=(1, 1),
+                               mid_transformer_depth=1, heads=(8, 8), context_dim=TEXT_WIDTH, norm_groups=32)
+VAE_TINY = sd_vae.VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=2, norm_groups=32)
+CLIP_TINY = dict(width=TEXT_WIDTH, layers=3, heads=1, mlp_width=37)
+CLIP_TINY_CFG = sd_clip.CLIPConfig(**CLIP_TINY)
+
+# SDXL.
+UNET_XL = sd_unet.UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=2, transformer_depth=(1, 2),
+                             mid_transformer_depth=2, heads=(1, 2), context_dim=CONTEXT_DIM, linear_proj=True,
+                             adm_in_channels=ADM_IN, norm_groups=32)
+VAE_XL = sd_vae.VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=2, norm_groups=32, scaling_factor=0.13025)
+CLIP_L_TINY = sd_clip.CLIPConfig(width=TEXT_WIDTH, layers=3, heads=1, mlp_width=37, act="quick_gelu")
+BIG_G_TINY = sd_clip.CLIPConfig(width=TEXT_WIDTH, layers=3, heads=1, mlp_width=37, act="gelu",
+                                projection_dim=TEXT_WIDTH)
+
+# The official single files' prefixes, as the tests state them.
+UNET_KEY, VAE_KEY, TEXT_KEY = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."
+CLIP_L_KEY, BIG_G_KEY = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
+
+
+# ---------------------------------------------------------------- VAE pairs
+
+# Tiny VAE configs (test_vae, test_vae_tiling).
+VAE_CONFIGS = {
+    "mult12-res1-g8": sd_vae.VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4,
+                                       image_channels=3, norm_groups=8, scaling_factor=0.18215),
+    "mult122-res2-g32": sd_vae.VAEConfig(channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, latent_channels=4,
+                                         image_channels=3, norm_groups=32, scaling_factor=0.13025),
+    "mult122-res1-g16-lat8": sd_vae.VAEConfig(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1,
+                                              latent_channels=8, image_channels=3, norm_groups=16, scaling_factor=0.5),
+}
+
+
+def diffusers_vae_config(cfg) -> dict:
+    n = len(cfg.channel_mult)
+    return dict(in_channels=cfg.image_channels, out_channels=cfg.image_channels,
+                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                block_out_channels=tuple(cfg.channels * m for m in cfg.channel_mult),
+                layers_per_block=cfg.num_res_blocks, latent_channels=cfg.latent_channels,
+                norm_num_groups=cfg.norm_groups, sample_size=32, scaling_factor=cfg.scaling_factor)
+
+
+def vae_pair(cfg, seed=0, logvar_shift=0.0):
+    """Our AutoencoderKL of `cfg`, random, and diffusers' with the same weights (through its own
+    convert_ldm_vae_checkpoint), its norms checked to match ours."""
+    from diffusers import AutoencoderKL as DiffusersAutoencoderKL
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from diffusers.models.attention_processor import AttnProcessor
+
+    torch.manual_seed(seed)
+    ours = randomize_params(sd_vae.AutoencoderKL(cfg), seed=seed).eval()
+    if logvar_shift:
+        with torch.no_grad():
+            ours.quant_conv.bias[cfg.latent_channels:] += logvar_shift
+    config = diffusers_vae_config(cfg)
+    ref = DiffusersAutoencoderKL(**config).eval()
+    ref.set_attn_processor(AttnProcessor())  # the plain (non-SDPA) attention path
+    sd = ours.state_dict()
+    converted = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in sd.items()}, config)
+    assert len(converted) == len(sd), "the converter dropped or duplicated some of our tensors"
+    ref.load_state_dict(converted, strict=True)
+    assert_same_norms(ours, ref, converted)
+    return ours, ref

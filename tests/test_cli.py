@@ -12,26 +12,9 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import sd
+# The fixture lives in conftest; test_models.py still imports it from here, until it takes conftest's.
+from conftest import tiny_checkpoint  # noqa: F401
 from sd.cli import main
-from sd.clip import CLIPConfig, CLIPTextModel
-from sd.unet import UNet, UNetConfig
-from sd.vae import AutoencoderKL, VAEConfig
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    parts = {
-        "model.diffusion_model.": UNet(UNetConfig(model_channels=32, channel_mult=(1, 2), transformer_depth=(1, 1),
-                                                  heads=(8, 8), context_dim=64)),
-        "first_stage_model.": AutoencoderKL(VAEConfig(channels=32, channel_mult=(1, 2))),
-        "cond_stage_model.transformer.text_model.": CLIPTextModel(CLIPConfig(width=64, layers=2, heads=1,
-                                                                             mlp_width=37)),
-    }
-    state = {prefix + k: v.contiguous() for prefix, m in parts.items() for k, v in m.state_dict().items()}
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_file(state, str(path))
-    return path
 
 
 @pytest.fixture

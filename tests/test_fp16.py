@@ -4,11 +4,10 @@ tiny VAE made to overflow the same way; on a GPU, a whole float16 SDXL generatio
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 import sd
-from sd.weights import hf_to_openclip
 from sd.clip import CLIPConfig, CLIPTextModel
+from sd.writer import write_single_file
 from sd.unet import UNet, UNetConfig
 from sd.vae import AutoencoderKL, VAEConfig
 
@@ -25,13 +24,7 @@ def tiny_sdxl_file(path, overflow: bool):
         vae.decoder.conv_in.bias.mul_(1e5)
     clip_l = CLIPTextModel(CLIPConfig(width=64, layers=2, heads=1, mlp_width=37))
     big_g = CLIPTextModel(CLIPConfig(width=64, layers=2, heads=1, mlp_width=37, act="gelu", projection_dim=64))
-    state = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
-    state |= {"first_stage_model." + k: v for k, v in vae.state_dict().items()}
-    state |= {"conditioner.embedders.0.transformer.text_model." + k: v for k, v in clip_l.state_dict().items()}
-    # bigG in OpenCLIP names, as the official file has them
-    state |= {"conditioner.embedders.1.model." + k: v for k, v in hf_to_openclip(big_g.state_dict()).items()}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    return path
+    return write_single_file(path, unet, vae, [clip_l, big_g])
 
 
 def test_float16_pipeline_decodes_sdxl_latents_in_float32(tmp_path):

@@ -16,18 +16,10 @@ from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline, StableDiffu
 from PIL import Image
 
 import sd
-from helpers import SAMPLERS, assert_same_image, tiny_sd15_components
-from test_pipeline import GUIDANCE, PROMPT, SD15_SCHEDULE, SEED, STEPS, save_folder
+from helpers import (GUIDANCE, PROMPT, SAMPLERS, SD15_SCHEDULE, SEED, STEPS, assert_same_image, picture, save_folder,
+                     tiny_sd15_components)
 
-W, H = 64, 48
-
-
-def picture(w=W, h=H, seed=0) -> Image.Image:
-    """Smooth colour gradients plus noise: a picture the VAE's round trip visibly changes."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w] / max(w, h)
-    base = np.stack([xx, yy, 1 - xx * yy], axis=-1) * 200 + rng.normal(0, 25, (h, w, 3))
-    return Image.fromarray(base.clip(0, 255).astype(np.uint8))
+W, H = 64, 48  # helpers.picture's default size
 
 
 def rectangle_mask(w=W, h=H) -> Image.Image:

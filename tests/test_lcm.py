@@ -16,11 +16,10 @@ from diffusers import (LatentConsistencyModelPipeline, LCMScheduler, StableDiffu
                        StableDiffusionPipeline)
 
 import sd
-from helpers import assert_close_scaled, assert_same_image, tiny_sd15_components
+from helpers import (PROMPT, SD15_SCHEDULE, SEED, assert_close_scaled, assert_same_image, picture, save_folder,
+                     tiny_sd15_components)
 from sd.unet import UNet, guidance_embedding
 from sd.weights import unet_config_from_diffusers, unet_from_diffusers
-from test_img2img import picture
-from test_pipeline import PROMPT, SD15_SCHEDULE, SEED, save_folder
 
 W, H = 64, 48
 W_DIM = 32  # time_cond_proj_dim of the tiny distilled UNet (LCM_Dreamshaper_v7: 256)

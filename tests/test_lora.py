@@ -47,13 +47,12 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 from transformers import CLIPTextModel as HFCLIPTextModel
 
 import sd
-from helpers import assert_close_scaled, assert_same_image, randomize_params, tiny_sd15_components
+from helpers import (SD15_SCHEDULE, SDXL_SCHEDULER, TEXT_WIDTH, assert_close_scaled, assert_same_image,
+                     hf_text_config, randomize_params, tiny_sd15_components, tiny_sdxl_unet, tokenizers)
 from sd import clip as sd_clip
 from sd import lora
 from sd import unet as sd_unet
 from sd.weights import no_weight_init
-from test_pipeline import SD15_SCHEDULE
-from test_sdxl import SDXL_SCHEDULER, TEXT_WIDTH, diffusers_unet, hf_text_config, tokenizers
 
 PROMPT = "a red circle on a blue square"
 STEPS, GUIDANCE, SEED, WIDTH, HEIGHT = 3, 5.0, 3, 64, 48
@@ -206,7 +205,7 @@ def sd15(tmp_path_factory) -> Family:
 @pytest.fixture(scope="module")
 def sdxl(tmp_path_factory) -> Family:
     torch.manual_seed(0)
-    unet = diffusers_unet()
+    unet = tiny_sdxl_unet()
     vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
                         norm_num_groups=32, scaling_factor=0.13025, force_upcast=True)

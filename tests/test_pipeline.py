@@ -8,8 +8,8 @@ Two ways in:
 - diffusers layout: a tiny StableDiffusionPipeline built by diffusers / transformers, `save_pretrained`,
   loaded by `sd.load(folder)`; the reference is `StableDiffusionPipeline.from_pretrained(folder)` with
   `X.from_config(ref.scheduler.config)` for the sampler, so both sides read the same saved settings.
-- single file: our own randomly initialised models' state dicts (the official LDM names) written to one
-  .safetensors file with the junk real files carry; the reference is built from that file through
+- single file: our own randomly initialised models written to one official-layout .safetensors file by
+  sd.writer, with the junk real files carry (conftest.py); the reference is built from that file through
   diffusers' own `convert_ldm_unet_checkpoint` / `convert_ldm_vae_checkpoint` / `convert_ldm_clip_checkpoint`.
 
 Tolerance: ours is a uint8 image (rounded), the reference is diffusers' float image (`output_type="np"`)
@@ -27,32 +27,16 @@ from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler
                        PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel)
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                  convert_ldm_vae_checkpoint)
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTokenizer
 from transformers import CLIPTextModel as HFCLIPTextModel
 
 import sd
-from helpers import SAMPLERS, assert_same_image, randomize_params, tiny_sd15_components
+from helpers import (CLIP_TINY, GUIDANCE, NEGATIVE, PROMPT, SAMPLERS, SD15_SCHEDULE, SEED, STEPS, TEXT_WIDTH,
+                     UNET_KEY, UNET_TINY, VAE_TINY, assert_same_image, save_folder, tiny_sd15_components)
 from sd import clip as sd_clip
-from sd import unet as sd_unet
-from sd import vae as sd_vae
 from sd.schedule import ScheduleConfig
 from sd.tokenizer import ASSETS
-
-PROMPT = "a red circle on a blue square"
-NEGATIVE = "blurry, low quality"
-STEPS, GUIDANCE, SEED = 6, 6.0, 3
-
-# SD 1.5's scheduler settings, every value stated (a scheduler built in memory remembers which values
-# were defaults and `X.from_config` would replace those with X's own defaults).
-SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                     prediction_type="epsilon", timestep_spacing="leading", steps_offset=1, clip_sample=False,
-                     set_alpha_to_one=False)
-
-# Tiny models that follow SD 1.5's family rules, which single-file loading relies on (configs inferred
-# from shapes): 8 heads per UNet level, CLIP heads = width // 64, GroupNorm with 32 groups.
-TEXT_WIDTH = 64
-CLIP_TINY = dict(width=TEXT_WIDTH, layers=3, heads=1, mlp_width=37)
 
 
 # ---------------------------------------------------------------- comparison
@@ -76,13 +60,6 @@ def load_reference(folder) -> tuple[StableDiffusionPipeline, dict]:
 @pytest.fixture(scope="module")
 def diffusers_models():
     return tiny_sd15_components(TEXT_WIDTH)
-
-
-def save_folder(models, scheduler, path):
-    pipe = StableDiffusionPipeline(**models, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-    pipe.save_pretrained(path)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -190,38 +167,7 @@ def test_v_prediction_matches_diffusers(vpred_pair, sampler):
 
 
 # ---------------------------------------------------------------- single file (official layout)
-
-# Attention at both levels here (the folder model has it at the second level only).
-UNET_TINY = sd_unet.UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=2, transformer_depth=(1, 1),
-                               mid_transformer_depth=1, heads=(8, 8), context_dim=TEXT_WIDTH, norm_groups=32)
-VAE_TINY = sd_vae.VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=2, norm_groups=32)
-CLIP_TINY_CFG = sd_clip.CLIPConfig(**CLIP_TINY)
-UNET_KEY, VAE_KEY, TEXT_KEY = "model.diffusion_model.", "first_stage_model.", "cond_stage_model.transformer.text_model."
-
-
-@pytest.fixture(scope="module")
-def single_file(tmp_path_factory):
-    """Our own models, randomly initialised, saved as one official-layout file plus the junk real files carry."""
-    tensors = {}
-    models = [(UNET_KEY, sd_unet.UNet(UNET_TINY)), (VAE_KEY, sd_vae.AutoencoderKL(VAE_TINY)),
-              (TEXT_KEY, sd_clip.CLIPTextModel(CLIP_TINY_CFG))]
-    for seed, (prefix, model) in enumerate(models):
-        randomize_params(model, seed=10 + seed)
-        tensors.update({prefix + k: v.contiguous() for k, v in model.state_dict().items()})
-    gen = torch.Generator().manual_seed(99)
-    unet_in = tensors[UNET_KEY + "input_blocks.0.0.weight"]
-    junk = {
-        TEXT_KEY + "embeddings.position_ids": torch.arange(77, dtype=torch.float32)[None] * 0.9999,  # corrupt floats
-        "alphas_cumprod": torch.linspace(0.999, 0.005, 1000),
-        "model_ema.decay": torch.tensor(0.9999),
-        "model_ema.num_updates": torch.tensor(1000, dtype=torch.int32),
-        # An EMA copy of one UNet weight (flattened name) that differs from the live one: must not be loaded.
-        "model_ema.diffusion_modelinput_blocks00weight": torch.randn(unet_in.shape, generator=gen),
-    }
-    path = tmp_path_factory.mktemp("single-file") / "tiny-sd15.safetensors"
-    save_file({**tensors, **junk}, str(path))
-    return path
-
+# The file is conftest's sd15_single_file: helpers' UNET_TINY, VAE_TINY and CLIP_TINY_CFG, random.
 
 def reference_from_single_file(path) -> tuple[StableDiffusionPipeline, dict]:
     """The file's tensors through diffusers' own LDM converters into diffusers / transformers models."""
@@ -251,12 +197,12 @@ def reference_from_single_file(path) -> tuple[StableDiffusionPipeline, dict]:
 
 
 @pytest.fixture(scope="module")
-def single_file_pair(single_file):
-    ours = sd.load(single_file, device="cpu")
-    return ours, *reference_from_single_file(single_file)
+def single_file_pair(sd15_single_file):
+    ours = sd.load(sd15_single_file, device="cpu")
+    return ours, *reference_from_single_file(sd15_single_file)
 
 
-def test_single_file_skips_junk_and_infers_configs(single_file, single_file_pair):
+def test_single_file_skips_junk_and_infers_configs(sd15_single_file, single_file_pair):
     """Configs come from shapes plus SD 1.5's family rules; position_ids, the schedule tensors and the
     model_ema.* copies are skipped (the live UNet weight is loaded, not its EMA copy)."""
     ours = single_file_pair[0]
@@ -264,7 +210,7 @@ def test_single_file_skips_junk_and_infers_configs(single_file, single_file_pair
     assert ours.text_encoders[0].cfg == sd_clip.CLIPConfig(**CLIP_TINY)
     assert ours.defaults.sampler == "euler"
     assert ours.schedule_config == ScheduleConfig()  # SD 1.5's settings
-    live = load_file(str(single_file))[UNET_KEY + "input_blocks.0.0.weight"]
+    live = load_file(str(sd15_single_file))[UNET_KEY + "input_blocks.0.0.weight"]
     assert torch.equal(ours.unet.state_dict()["input_blocks.0.0.weight"], live)
 
 

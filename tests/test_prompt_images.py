@@ -31,10 +31,9 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokeni
 from transformers import CLIPTextModel as HFCLIPTextModel
 
 import sd
-from helpers import assert_same_image, randomize_params, tiny_sd15_components
+from helpers import NEGATIVE, SD15_LONG, SDXL_LONG, assert_same_image, randomize_params, tiny_sd15_components
 from sd import prompts
 from sd.tokenizer import ASSETS, Tokenizer
-from test_prompts import NEGATIVE, SD15_LONG, SDXL_LONG
 
 PROMPT = "a red circle on a blue square"
 STEPS, GUIDANCE, SEED, W, H = 4, 6.0, 3, 64, 48

@@ -24,7 +24,7 @@ from compel import CompelForSD, CompelForSDXL
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
 from transformers import CLIPTextModel as HFCLIPTextModel
 
-from helpers import assert_close_scaled, randomize_params
+from helpers import NEGATIVE, SD15_LONG, SDXL_LONG, assert_close_scaled, randomize_params
 from sd import prompts
 from sd.clip import CLIPConfig, CLIPTextModel
 from sd.errors import InputError
@@ -32,25 +32,6 @@ from sd.prompts import BREAK, chunk, encode, parse
 from sd.tokenizer import ASSETS, Tokenizer
 
 REL = 1e-4
-
-# Comma-separated phrases (no ". ; :", which compel also splits at). SD15_LONG: 103 tokens, commas at
-# 68 and 78, so A1111 and compel cut after the 69th token (plain slicing: 75). SDXL_LONG: 176 tokens;
-# the first window ends on a comma (75th token), so it is also what a 77-token truncation reads (compel
-# takes SDXL's pooled output from that); the second ends after its comma at 146 (72 tokens, not 75).
-SD15_LONG = ", ".join([
-    "a cosy cabin in the snowy woods", "warm light in the windows", "smoke rising from the chimney",
-    "pine trees heavy with snow", "a frozen lake in front", "mountains behind", "starry night sky", "aurora borealis",
-    "highly detailed", "digital painting", "soft colours", "by a famous artist", "trending on an art site",
-    "wide angle", "sharp focus", "dramatic lighting with long blue shadows and drifting mist",
-    "a wooden sled by the door", "a red scarf on a fence post", "footprints in the fresh powder", "an owl watching"])
-SDXL_LONG = ", ".join(SD15_LONG.split(", ")[:15] + [
-    "dramatic lighting", "cinematic composition", "a wooden sled by the door", "a red scarf on a fence post",
-    "footprints in the fresh powder", "an owl watching from a branch", "a fox hiding behind a rock",
-    "icicles hanging from the roof", "a lantern glowing on the porch", "a pile of firewood",
-    "a snowman with a carrot nose and a tall black hat", "children playing far away", "a distant little village",
-    "church bells ringing", "a quiet winter evening", "oil on canvas", "masterpiece", "best quality",
-    "a feeling of peace and calm"])
-NEGATIVE = "blurry, low quality"
 
 
 # ---------------------------------------------------------------- parser: A1111's documented examples

@@ -8,7 +8,7 @@ fp32 on the CPU, the same seed on both sides (ours: `seed=N`; diffusers:
   loaded by `sd.load(folder)`; the reference is `StableDiffusionXLPipeline.from_pretrained(folder)` with
   `X.from_config(ref.scheduler.config)` per sampler. ddim / euler / euler_a / dpmpp_2m, with and without a
   negative prompt (none: SDXL conditions on zeros), explicit size / crop conditioning.
-- single file: our own randomly initialised models written in the official SDXL layout
+- single file: our own randomly initialised models written by sd.writer in the official SDXL layout
   (`model.diffusion_model.*`, `first_stage_model.*`, `conditioner.embedders.0.transformer.text_model.*`,
   `conditioner.embedders.1.model.*` in OpenCLIP names) plus junk; the reference is built from that file by
   diffusers' own `convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`
@@ -30,40 +30,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel)
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                  convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
-from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, CLIPTokenizer
+from safetensors.torch import load_file
+from transformers import CLIPTextModelWithProjection
 from transformers import CLIPTextModel as HFCLIPTextModel
 
 import sd
-from helpers import SAMPLERS, assert_same_image, randomize_params
+# The fixture lives in conftest; test_models.py still imports it from here as `single_file`, until it takes
+# conftest's.
+from conftest import sdxl_single_file as single_file  # noqa: F401
+from helpers import (ADM_IN, BIG_G_KEY, BIG_G_TINY, CLIP_L_TINY, CONTEXT_DIM, SAMPLERS, SDXL_SCHEDULER, TEXT_WIDTH,
+                     UNET_KEY, UNET_XL, VAE_XL, XL_GUIDANCE, XL_NEGATIVE, XL_PROMPT, XL_SEED, XL_STEPS,
+                     assert_same_image, hf_text_config, randomize_params, tiny_sdxl_unet, tokenizers)
 from sd import clip as sd_clip
 from sd import unet as sd_unet
-from sd import vae as sd_vae
+from sd.writer import write_safetensors
 from sd.schedule import ScheduleConfig
 from sd.weights import hf_to_openclip
-from sd.tokenizer import ASSETS
 
 KEYS = Path(__file__).parent / "data" / "checkpoint-keys"
-# "!" is bigG's padding token: a prompt containing it must still pool at the first end-of-text token.
-PROMPT = "a red circle on a blue square!"
-NEGATIVE = "blurry, low quality!!"
-STEPS, GUIDANCE, SEED = 4, 5.0, 3
-
-# Tiny models that follow SDXL's family rules, which single-file loading relies on (configs inferred from
-# shapes): 64 channels per attention head in the UNet and in both text encoders, GroupNorm with 32 groups.
-TEXT_WIDTH = 64                      # CLIP-L and bigG alike
-CONTEXT_DIM = 2 * TEXT_WIDTH         # SDXL conditions on both penultimate hidden states, side by side
-TIME_EMBED_DIM = 8                   # per size/crop number (SDXL: 256)
-ADM_IN = TEXT_WIDTH + 6 * TIME_EMBED_DIM  # bigG pooled + 6 size/crop numbers (SDXL: 1280 + 6 * 256 = 2816)
-
-# The official SDXL scheduler_config.json (stabilityai/stable-diffusion-xl-base-1.0), DDIM's options included.
-SDXL_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                      prediction_type="epsilon", timestep_spacing="leading", steps_offset=1,
-                      interpolation_type="linear", use_karras_sigmas=False, clip_sample=False, set_alpha_to_one=False,
-                      skip_prk_steps=True, sample_max_value=1.0)
+PROMPT, NEGATIVE, STEPS, GUIDANCE, SEED = XL_PROMPT, XL_NEGATIVE, XL_STEPS, XL_GUIDANCE, XL_SEED
 
 
 # ---------------------------------------------------------------- comparison
@@ -76,61 +64,7 @@ def run_reference(pipe, scheduler, *, negative_prompt=None, width, height, steps
     return out.images[0]
 
 
-def tokenizers():
-    # SDXL's second tokenizer pads with "!" (id 0), the first with <|endoftext|>.
-    return (CLIPTokenizer.from_pretrained(str(ASSETS), model_max_length=77),
-            CLIPTokenizer.from_pretrained(str(ASSETS), model_max_length=77, pad_token="!"))
-
-
-def diffusers_unet(**kw) -> UNet2DConditionModel:
-    """The folder's tiny SDXL UNet: attention on the second level only (as SDXL's first level), two
-    transformer layers there and in the middle, heads = channels // 64 (SDXL's rule)."""
-    cfg = dict(sample_size=32, in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=2,
-               down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-               up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-               attention_head_dim=(1, 2),  # diffusers' legacy name: these are head counts
-               transformer_layers_per_block=(1, 2), use_linear_projection=True, cross_attention_dim=CONTEXT_DIM,
-               addition_embed_type="text_time", addition_time_embed_dim=TIME_EMBED_DIM,
-               projection_class_embeddings_input_dim=ADM_IN, norm_num_groups=32)
-    return UNet2DConditionModel(**{**cfg, **kw})
-
-
-def hf_text_config(act: str, **kw) -> CLIPTextConfig:
-    return CLIPTextConfig(hidden_size=TEXT_WIDTH, intermediate_size=37, num_attention_heads=TEXT_WIDTH // 64,
-                          num_hidden_layers=3, vocab_size=49408, max_position_embeddings=77, hidden_act=act, **kw)
-
-
 # ---------------------------------------------------------------- diffusers-layout folder
-
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    torch.manual_seed(0)
-    unet = diffusers_unet()
-    vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
-                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                        norm_num_groups=32, scaling_factor=0.13025, force_upcast=True)
-    text_encoder = HFCLIPTextModel(hf_text_config("quick_gelu"))
-    text_encoder_2 = CLIPTextModelWithProjection(hf_text_config("gelu", projection_dim=TEXT_WIDTH))
-    for seed, model in enumerate((unet, vae, text_encoder, text_encoder_2)):
-        randomize_params(model, seed=seed)
-    tok, tok2 = tokenizers()
-    scheduler = EulerDiscreteScheduler(**{k: v for k, v in SDXL_SCHEDULER.items()
-                                          if k not in ("clip_sample", "set_alpha_to_one", "skip_prk_steps",
-                                                       "sample_max_value")})
-    pipe = StableDiffusionXLPipeline(unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
-                                     tokenizer=tok, tokenizer_2=tok2, scheduler=scheduler, add_watermarker=False)
-    path = tmp_path_factory.mktemp("sdxl-folder")
-    pipe.save_pretrained(path)
-    # save_pretrained of an in-memory EulerDiscreteScheduler writes only Euler's own options, so the DDIM
-    # built from it by `DDIMScheduler.from_config` would take DDIM's defaults clip_sample=True (clamp x0 to
-    # [-1, 1]) and set_alpha_to_one=True. The published SDXL scheduler_config.json states these four
-    # values; write them as it does, so the folder is the real one's shape and both sides read the same.
-    cfg_path = path / "scheduler" / "scheduler_config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg.update(clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True, sample_max_value=1.0)
-    cfg_path.write_text(json.dumps(cfg, indent=2))
-    return path
-
 
 def load_reference(path, **components) -> StableDiffusionXLPipeline:
     ref = StableDiffusionXLPipeline.from_pretrained(path, add_watermarker=False, **components)
@@ -139,9 +73,9 @@ def load_reference(path, **components) -> StableDiffusionXLPipeline:
 
 
 @pytest.fixture(scope="module")
-def folder_pair(folder):
-    ref = load_reference(folder)
-    return sd.load(folder, device="cpu"), ref, dict(ref.scheduler.config)
+def folder_pair(sdxl_folder):
+    ref = load_reference(sdxl_folder)
+    return sd.load(sdxl_folder, device="cpu"), ref, dict(ref.scheduler.config)
 
 
 def test_folder_reads_sdxl_settings(folder_pair):
@@ -223,17 +157,7 @@ def test_size_conditioning_validation(folder_pair, field, value):
 
 
 # ---------------------------------------------------------------- single file (official SDXL layout)
-
-UNET_XL = sd_unet.UNetConfig(model_channels=64, channel_mult=(1, 2), num_res_blocks=2, transformer_depth=(1, 2),
-                             mid_transformer_depth=2, heads=(1, 2), context_dim=CONTEXT_DIM, linear_proj=True,
-                             adm_in_channels=ADM_IN, norm_groups=32)
-VAE_XL = sd_vae.VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=2, norm_groups=32, scaling_factor=0.13025)
-CLIP_L_TINY = sd_clip.CLIPConfig(width=TEXT_WIDTH, layers=3, heads=1, mlp_width=37, act="quick_gelu")
-BIG_G_TINY = sd_clip.CLIPConfig(width=TEXT_WIDTH, layers=3, heads=1, mlp_width=37, act="gelu",
-                                projection_dim=TEXT_WIDTH)
-UNET_KEY, VAE_KEY = "model.diffusion_model.", "first_stage_model."
-CLIP_L_KEY, BIG_G_KEY = "conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."
-
+# The file is conftest's sdxl_single_file: helpers' UNET_XL, VAE_XL, CLIP_L_TINY and BIG_G_TINY, random.
 
 def test_hf_to_openclip_names_match_the_published_keys():
     """Our conversion writes exactly SDXL's OpenCLIP key set (full-size names, checked on the meta device)."""
@@ -247,38 +171,13 @@ def test_hf_to_openclip_names_match_the_published_keys():
     assert ours == published
 
 
-@pytest.fixture(scope="module")
-def single_file(tmp_path_factory):
-    """Our own models, random, saved as one official-layout SDXL file plus the junk real files carry."""
-    models = [(UNET_KEY, sd_unet.UNet(UNET_XL)), (VAE_KEY, sd_vae.AutoencoderKL(VAE_XL)),
-              (CLIP_L_KEY + "text_model.", sd_clip.CLIPTextModel(CLIP_L_TINY)),
-              (BIG_G_KEY, sd_clip.CLIPTextModel(BIG_G_TINY))]
-    tensors = {}
-    for seed, (prefix, model) in enumerate(models):
-        randomize_params(model, seed=20 + seed)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        if prefix == BIG_G_KEY:
-            state = hf_to_openclip(state)
-        tensors.update({prefix + k: v for k, v in state.items()})
-    junk = {
-        CLIP_L_KEY + "text_model.embeddings.position_ids": torch.arange(77, dtype=torch.float32)[None] * 0.9999,
-        BIG_G_KEY + "logit_scale": torch.tensor(4.6052),
-        "alphas_cumprod": torch.linspace(0.999, 0.005, 1000),
-        "betas": torch.linspace(0.00085, 0.012, 1000),
-        "model_ema.decay": torch.tensor(0.9999),
-    }
-    path = tmp_path_factory.mktemp("sdxl-single-file") / "tiny-sdxl.safetensors"
-    save_file({**tensors, **junk}, str(path))
-    return path
-
-
 def reference_from_single_file(path) -> StableDiffusionXLPipeline:
     """The file's tensors through diffusers' own LDM converters into diffusers / transformers models,
     each loaded strict. None of the converters hard-codes a full-size shape on this path:
     convert_open_clip_checkpoint splits q/k/v at `text_projection.shape[0]` (the width) when the file
     has a text_projection, and takes every layer present."""
     checkpoint = load_file(str(path))
-    unet = diffusers_unet(down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2)
+    unet = tiny_sdxl_unet(down_block_types=("CrossAttnDownBlock2D",) * 2, up_block_types=("CrossAttnUpBlock2D",) * 2)
     unet.load_state_dict(convert_ldm_unet_checkpoint(checkpoint, dict(unet.config)), strict=True)
     vae = AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
                         layers_per_block=2, down_block_types=["DownEncoderBlock2D"] * 2,
@@ -303,11 +202,11 @@ def reference_from_single_file(path) -> StableDiffusionXLPipeline:
 
 
 @pytest.fixture(scope="module")
-def single_file_pair(single_file):
-    return sd.load(single_file, device="cpu"), reference_from_single_file(single_file)
+def single_file_pair(sdxl_single_file):
+    return sd.load(sdxl_single_file, device="cpu"), reference_from_single_file(sdxl_single_file)
 
 
-def test_single_file_configs_and_junk(single_file, single_file_pair):
+def test_single_file_configs_and_junk(sdxl_single_file, single_file_pair):
     ours = single_file_pair[0]
     assert ours.family == "sdxl"
     assert ours.unet.cfg == UNET_XL and ours.vae.cfg == VAE_XL
@@ -315,7 +214,7 @@ def test_single_file_configs_and_junk(single_file, single_file_pair):
     assert ours.defaults.sampler == "euler" and ours.schedule_config == ScheduleConfig()
     assert ours.sample_size == 1024
     # text_projection arrives transposed back into a Linear weight.
-    stored = load_file(str(single_file))[BIG_G_KEY + "text_projection"]
+    stored = load_file(str(sdxl_single_file))[BIG_G_KEY + "text_projection"]
     assert torch.equal(ours.text_encoders[1].text_projection.weight, stored.T)
 
 
@@ -353,20 +252,20 @@ LIGHTNING_STEPS = (1, 2, 4, 8)
 def lightning(tmp_path_factory):
     """A second random UNet of the folder's config, saved in diffusers names as ByteDance ships
     `sdxl_lightning_{N}step_unet.safetensors` (the same weights under each N: only the name differs)."""
-    unet = randomize_params(diffusers_unet(), seed=7)
+    unet = randomize_params(tiny_sdxl_unet(), seed=7)
     path = tmp_path_factory.mktemp("lightning")
     files = {}
     for n in LIGHTNING_STEPS:
         files[n] = path / f"sdxl_lightning_{n}step_unet.safetensors"
-        save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(files[n]))
+        write_safetensors(files[n], unet.state_dict())
     files["unnamed"] = path / "distilled_unet.safetensors"
     shutil.copyfile(files[4], files["unnamed"])
     return unet, files
 
 
 @pytest.fixture(scope="module")
-def lightning_ref(folder, lightning):
-    ref = load_reference(folder, unet=lightning[0])
+def lightning_ref(sdxl_folder, lightning):
+    ref = load_reference(sdxl_folder, unet=lightning[0])
     # The folder's own scheduler settings, kept: each case swaps `ref.scheduler` (prediction_type="sample" for 1 step).
     return ref, dict(ref.scheduler.config)
 
@@ -390,9 +289,9 @@ def assert_lightning_defaults(ours, steps: int):
 
 
 @pytest.mark.parametrize("steps", LIGHTNING_STEPS)
-def test_lightning_matches_diffusers(folder, lightning, lightning_ref, steps):
+def test_lightning_matches_diffusers(sdxl_folder, lightning, lightning_ref, steps):
     """Defaults from the file name: Euler, trailing, N steps, no CFG; 1 step predicts the sample."""
-    ours = sd.load(folder, unet=lightning[1][steps], device="cpu")
+    ours = sd.load(sdxl_folder, unet=lightning[1][steps], device="cpu")
     # No steps / guidance / sampler: the defaults are under test.
     img = ours.generate(PROMPT, negative_prompt=NEGATIVE, width=64, height=48, seed=SEED)
     assert_lightning_defaults(ours, steps)
@@ -407,17 +306,17 @@ def test_lightning_trailing_timesteps(lightning_ref):
     assert s.timesteps.tolist() == [999, 749, 499, 249]
 
 
-def test_lightning_steps_argument(folder, lightning, lightning_ref):
+def test_lightning_steps_argument(sdxl_folder, lightning, lightning_ref):
     """A file whose name does not say its step count: `lightning_steps=` does."""
-    ours = sd.load(folder, unet=lightning[1]["unnamed"], device="cpu", lightning_steps=4)
+    ours = sd.load(sdxl_folder, unet=lightning[1]["unnamed"], device="cpu", lightning_steps=4)
     img = ours.generate(PROMPT, width=64, height=48, seed=SEED)
     assert_lightning_defaults(ours, 4)
     assert_same_image(img, lightning_reference(*lightning_ref, 4), "xl-lightning/unnamed+lightning_steps=4")
 
 
-def test_replacement_unet_without_lightning_keeps_folder_defaults(folder, lightning, lightning_ref):
+def test_replacement_unet_without_lightning_keeps_folder_defaults(sdxl_folder, lightning, lightning_ref):
     """No step count in the name and none given: a plain UNet swap, the folder's schedule and CFG."""
-    ours = sd.load(folder, unet=lightning[1]["unnamed"], device="cpu")
+    ours = sd.load(sdxl_folder, unet=lightning[1]["unnamed"], device="cpu")
     assert ours.schedule_config.timestep_spacing == "leading" and ours.defaults.guidance > 1
     img = ours.generate(PROMPT, width=64, height=48, num_steps=STEPS, guidance=GUIDANCE, seed=SEED)
     ref, config = lightning_ref
@@ -432,31 +331,31 @@ def ldm_named_unet(tmp_path_factory):
     cfg = replace(UNET_XL, transformer_depth=(0, 2))  # attention on the second level only
     unet = randomize_params(sd_unet.UNet(cfg), seed=30)
     state = {k: v.contiguous() for k, v in unet.state_dict().items()}
-    ref_unet = diffusers_unet()
+    ref_unet = tiny_sdxl_unet()
     ref_unet.load_state_dict(convert_ldm_unet_checkpoint({UNET_KEY + k: v for k, v in state.items()},
                                                          dict(ref_unet.config)), strict=True)
     path = tmp_path_factory.mktemp("lightning-ldm")
     files = {"prefixed": path / "sdxl_lightning_4step_unet_ldm.safetensors",
              "bare": path / "sdxl_lightning_4step_unet_bare.safetensors"}
-    save_file({UNET_KEY + k: v for k, v in state.items()}, str(files["prefixed"]))
-    save_file(state, str(files["bare"]))
+    write_safetensors(files["prefixed"], {UNET_KEY + k: v for k, v in state.items()})
+    write_safetensors(files["bare"], state)
     return ref_unet, files
 
 
 @pytest.mark.parametrize("naming", ["prefixed", "bare"])
-def test_lightning_unet_in_single_file_names(folder, ldm_named_unet, naming):
+def test_lightning_unet_in_single_file_names(sdxl_folder, ldm_named_unet, naming):
     ref_unet, files = ldm_named_unet
-    ours = sd.load(folder, unet=files[naming], device="cpu")
+    ours = sd.load(sdxl_folder, unet=files[naming], device="cpu")
     img = ours.generate(PROMPT, width=64, height=48, seed=SEED)
     assert_lightning_defaults(ours, 4)
-    ref = load_reference(folder, unet=ref_unet)
+    ref = load_reference(sdxl_folder, unet=ref_unet)
     expected = lightning_reference(ref, dict(ref.scheduler.config), 4)
     assert_same_image(img, expected, f"xl-lightning/ldm-names-{naming}/4step")
 
 
-def test_lightning_on_single_file_source(single_file, single_file_pair, lightning):
+def test_lightning_on_single_file_source(sdxl_single_file, single_file_pair, lightning):
     """`unet=` replaces a single file's UNet too (its own is not read)."""
-    ours = sd.load(single_file, unet=lightning[1][2], device="cpu")
+    ours = sd.load(sdxl_single_file, unet=lightning[1][2], device="cpu")
     img = ours.generate(PROMPT, width=64, height=48, seed=SEED)
     assert_lightning_defaults(ours, 2)
     base = single_file_pair[1]
@@ -465,11 +364,11 @@ def test_lightning_on_single_file_source(single_file, single_file_pair, lightnin
     assert_same_image(img, lightning_reference(ref, SDXL_SCHEDULER, 2), "xl-lightning/single-file-source/2step")
 
 
-def test_lightning_all_in_one_single_file(single_file, single_file_pair, tmp_path):
+def test_lightning_all_in_one_single_file(sdxl_single_file, single_file_pair, tmp_path):
     """ByteDance's all-in-one `sdxl_lightning_Nstep.safetensors` is an official-layout single file:
     its name alone switches on the Lightning defaults."""
     path = tmp_path / "sdxl_lightning_2step.safetensors"
-    shutil.copy(single_file, path)
+    shutil.copy(sdxl_single_file, path)
     ours = sd.load(path, device="cpu")
     img = ours.generate(PROMPT, width=64, height=48, seed=SEED)
     assert_lightning_defaults(ours, 2)
@@ -484,11 +383,11 @@ def sd15_unet_file(tmp_path_factory):
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
         cross_attention_dim=TEXT_WIDTH, attention_head_dim=8, norm_num_groups=32)
     path = tmp_path_factory.mktemp("sd15-unet") / "sd15_unet.safetensors"
-    save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(path))
+    write_safetensors(path, unet.state_dict())
     return path
 
 
-@pytest.mark.parametrize("source", ["folder", "single_file"])
+@pytest.mark.parametrize("source", ["sdxl_folder", "sdxl_single_file"], ids=["folder", "single_file"])
 def test_sd15_unet_does_not_fit_sdxl(request, sd15_unet_file, source):
     with pytest.raises(sd.CheckpointError, match="unet"):
         sd.load(request.getfixturevalue(source), unet=sd15_unet_file, device="cpu")
@@ -500,19 +399,19 @@ def dtypes(module) -> set:
     return {p.dtype for p in module.parameters()}
 
 
-def test_float16_keeps_sdxl_vae_float32(folder):
+def test_float16_keeps_sdxl_vae_float32(sdxl_folder):
     """SDXL's VAE overflows in float16 (force_upcast in its config): it stays float32."""
-    ours = sd.load(folder, device="cpu", dtype=torch.float16)
+    ours = sd.load(sdxl_folder, device="cpu", dtype=torch.float16)
     assert ours.dtype == torch.float16 and ours.vae_dtype == torch.float32
     assert dtypes(ours.unet) == {torch.float16}
     assert all(dtypes(e) == {torch.float16} for e in ours.text_encoders)
     assert dtypes(ours.vae) == {torch.float32}
 
 
-def test_float16_generation_close_to_float32(folder, folder_pair):
+def test_float16_generation_close_to_float32(sdxl_folder, folder_pair):
     """Smoke test of the mixed path (float16 UNet and text encoders, float32 VAE decode) on the CPU: the
     image is finite and within float16 rounding of the float32 one (not a parity test)."""
-    ours16 = sd.load(folder, device="cpu", dtype=torch.float16)
+    ours16 = sd.load(sdxl_folder, device="cpu", dtype=torch.float16)
     kw = dict(negative_prompt=NEGATIVE, width=64, height=48, num_steps=2, guidance=GUIDANCE, seed=SEED)
     a = np.asarray(ours16.generate(PROMPT, **kw), dtype=float)
     b = np.asarray(folder_pair[0].generate(PROMPT, **kw), dtype=float)
@@ -520,9 +419,9 @@ def test_float16_generation_close_to_float32(folder, folder_pair):
     assert b.std() > 10 and np.abs(a - b).mean() < 1 and np.abs(a - b).max() <= 12
 
 
-def test_float16_vae_when_force_upcast_false(folder, tmp_path):
+def test_float16_vae_when_force_upcast_false(sdxl_folder, tmp_path):
     """An fp16-safe VAE (force_upcast false, as madebyollin/sdxl-vae-fp16-fix) runs in float16."""
-    path = shutil.copytree(folder, tmp_path / "fp16-fix")
+    path = shutil.copytree(sdxl_folder, tmp_path / "fp16-fix")
     cfg_path = path / "vae" / "config.json"
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "force_upcast": False}))
     ours = sd.load(path, device="cpu", dtype=torch.float16)
@@ -530,7 +429,7 @@ def test_float16_vae_when_force_upcast_false(folder, tmp_path):
     assert dtypes(ours.unet) == {torch.float16}
 
 
-def test_float16_single_file_vae_float32(single_file):
-    ours = sd.load(single_file, device="cpu", dtype="fp16")
+def test_float16_single_file_vae_float32(sdxl_single_file):
+    ours = sd.load(sdxl_single_file, device="cpu", dtype="fp16")
     assert ours.vae_dtype == torch.float32 and dtypes(ours.vae) == {torch.float32}
     assert dtypes(ours.unet) == {torch.float16}

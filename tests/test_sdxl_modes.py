@@ -1,9 +1,9 @@
 """SDXL image to image and inpainting (plain 4-channel UNet), image for image, against diffusers'
 StableDiffusionXLImg2ImgPipeline and StableDiffusionXLInpaintPipeline.
 
-The tiny random-weight SDXL folder of tests/test_sdxl.py (two text encoders, a "text_time" UNet with 4 input
-channels, the 0.13025 VAE with a latent scale of 2), fp32 on the CPU, loaded by `sd.load(folder)`; the
-references are `StableDiffusionXLImg2ImgPipeline.from_pretrained(folder)` and
+The tiny random-weight SDXL folder test_sdxl.py uses (conftest's sdxl_folder: two text encoders, a
+"text_time" UNet with 4 input channels, the 0.13025 VAE with a latent scale of 2), fp32 on the CPU, loaded
+by `sd.load(folder)`; the references are `StableDiffusionXLImg2ImgPipeline.from_pretrained(folder)` and
 `StableDiffusionXLInpaintPipeline.from_pretrained(folder)` (`requires_aesthetics_score` False, so the size
 conditioning is txt2img's six numbers) with `X.from_config(<the folder's full scheduler config>)` per sampler.
 The same seed on both sides (ours: `seed=N`; diffusers: `generator=torch.Generator("cpu").manual_seed(N)`);
@@ -31,8 +31,9 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaint
 from PIL import Image
 
 import sd
-from helpers import SAMPLERS, assert_same_image
-from test_sdxl import GUIDANCE, NEGATIVE, PROMPT, SEED, folder  # noqa: F401  (folder: a pytest fixture)
+from helpers import SAMPLERS, XL_GUIDANCE, XL_NEGATIVE, XL_PROMPT, XL_SEED, assert_same_image
+
+PROMPT, NEGATIVE, GUIDANCE, SEED = XL_PROMPT, XL_NEGATIVE, XL_GUIDANCE, XL_SEED
 
 STEPS = 5
 WIDTH, HEIGHT = 64, 48
@@ -57,16 +58,16 @@ def mask() -> Image.Image:
 
 
 @pytest.fixture(scope="module")
-def pipes(folder):  # noqa: F811
-    ours = sd.load(folder, device="cpu")
-    img2img = StableDiffusionXLImg2ImgPipeline.from_pretrained(folder, add_watermarker=False)
-    inpaint = StableDiffusionXLInpaintPipeline.from_pretrained(folder, add_watermarker=False)
+def pipes(sdxl_folder):
+    ours = sd.load(sdxl_folder, device="cpu")
+    img2img = StableDiffusionXLImg2ImgPipeline.from_pretrained(sdxl_folder, add_watermarker=False)
+    inpaint = StableDiffusionXLInpaintPipeline.from_pretrained(sdxl_folder, add_watermarker=False)
     for ref in (img2img, inpaint):
         ref.set_progress_bar_config(disable=True)
         # Size conditioning as txt2img: (original, crop, target), no aesthetic scores.
         assert ref.config.requires_aesthetics_score is False
     assert inpaint.unet.config.in_channels == 4
-    # The folder's scheduler settings, every field stated (see the `folder` fixture in test_sdxl.py).
+    # The folder's scheduler settings, every field stated (see the `sdxl_folder` fixture in conftest.py).
     config = dict(img2img.scheduler.config)
     assert config["clip_sample"] is False and config["set_alpha_to_one"] is False
     return ours, img2img, inpaint, config

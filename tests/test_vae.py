@@ -9,58 +9,19 @@ Tolerance: fp32 on both sides, max |ours - ref| <= 1e-4 * max |ref| (relative to
 
 import pytest
 import torch
-from diffusers import AutoencoderKL as DiffusersAutoencoderKL
-from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-from diffusers.models.attention_processor import AttnProcessor
 
-from helpers import assert_close_scaled, assert_same_norms, randomize_params
-from sd.vae import AutoencoderKL, VAEConfig
+from helpers import VAE_CONFIGS, assert_close_scaled, vae_pair
 
 REL = 1e-4  # fp32, relative to max |ref|
-
-CONFIGS = {
-    "mult12-res1-g8": VAEConfig(channels=32, channel_mult=(1, 2), num_res_blocks=1, latent_channels=4,
-                                image_channels=3, norm_groups=8, scaling_factor=0.18215),
-    "mult122-res2-g32": VAEConfig(channels=32, channel_mult=(1, 2, 2), num_res_blocks=2, latent_channels=4,
-                                  image_channels=3, norm_groups=32, scaling_factor=0.13025),
-    "mult122-res1-g16-lat8": VAEConfig(channels=32, channel_mult=(1, 2, 2), num_res_blocks=1, latent_channels=8,
-                                       image_channels=3, norm_groups=16, scaling_factor=0.5),
-}
 
 # (H, W): non-square both ways, plus one whose halving hits odd sizes (LDM's right/bottom-only padding).
 SHAPES = [(48, 32), (32, 40), (44, 26)]
 
 
-def diffusers_config(cfg: VAEConfig) -> dict:
-    n = len(cfg.channel_mult)
-    return dict(in_channels=cfg.image_channels, out_channels=cfg.image_channels,
-                down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                block_out_channels=tuple(cfg.channels * m for m in cfg.channel_mult),
-                layers_per_block=cfg.num_res_blocks, latent_channels=cfg.latent_channels,
-                norm_num_groups=cfg.norm_groups, sample_size=32, scaling_factor=cfg.scaling_factor)
-
-
-def build(cfg: VAEConfig, seed=0, logvar_shift=0.0):
-    torch.manual_seed(seed)
-    ours = randomize_params(AutoencoderKL(cfg), seed=seed).eval()
-    if logvar_shift:
-        with torch.no_grad():
-            ours.quant_conv.bias[cfg.latent_channels:] += logvar_shift
-    config = diffusers_config(cfg)
-    ref = DiffusersAutoencoderKL(**config).eval()
-    ref.set_attn_processor(AttnProcessor())  # the plain (non-SDPA) attention path
-    sd = ours.state_dict()
-    converted = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in sd.items()}, config)
-    assert len(converted) == len(sd), "the converter dropped or duplicated some of our tensors"
-    ref.load_state_dict(converted, strict=True)
-    assert_same_norms(ours, ref, converted)
-    return ours, ref
-
-
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(VAE_CONFIGS))
 def test_vae_matches_diffusers(name):
-    cfg = CONFIGS[name]
-    ours, ref = build(cfg)
+    cfg = VAE_CONFIGS[name]
+    ours, ref = vae_pair(cfg)
     assert ref.config.scaling_factor == ours.cfg.scaling_factor
     down = 2 ** (len(cfg.channel_mult) - 1)
     for h, w in SHAPES:
@@ -87,8 +48,8 @@ def test_vae_matches_diffusers(name):
 @pytest.mark.parametrize("shift", [60.0, -80.0], ids=["logvar-clamp-high", "logvar-clamp-low"])
 def test_vae_logvar_clamp_matches_diffusers(shift):
     """Push logvar past diffusers' clamp range [-30, 20] so the clamp decides the std."""
-    cfg = CONFIGS["mult12-res1-g8"]
-    ours, ref = build(cfg, seed=3, logvar_shift=shift)
+    cfg = VAE_CONFIGS["mult12-res1-g8"]
+    ours, ref = vae_pair(cfg, seed=3, logvar_shift=shift)
     x = torch.rand(1, 3, 32, 24, generator=torch.Generator().manual_seed(5)) * 2 - 1
     with torch.no_grad():
         dist, ref_dist = ours.encode(x), ref.encode(x).latent_dist
@@ -100,8 +61,8 @@ def test_vae_logvar_clamp_matches_diffusers(shift):
 def test_vae_flat_image_matches_diffusers():
     """A nearly flat image (a plain colour, as in real photos' sky or studio backgrounds): low variance
     inside each GroupNorm group, where the norms' eps matters."""
-    cfg = CONFIGS["mult122-res1-g16-lat8"]
-    ours, ref = build(cfg, seed=4)
+    cfg = VAE_CONFIGS["mult122-res1-g16-lat8"]
+    ours, ref = vae_pair(cfg, seed=4)
     gen = torch.Generator().manual_seed(6)
     x = torch.tensor([0.3, -0.2, 0.5])[None, :, None, None] + 1e-3 * torch.randn(1, 3, 32, 24, generator=gen)
     with torch.no_grad():

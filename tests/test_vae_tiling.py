@@ -7,16 +7,15 @@ Tolerance: fp32, max |ours - ref| <= 1e-4 * max |ref|, as the untiled VAE tests.
 import torch
 import torch.nn.functional as F
 
-from helpers import assert_close_scaled
+from helpers import VAE_CONFIGS, assert_close_scaled, vae_pair
 from sd.vae import run_tiled
-from test_vae import CONFIGS, build
 
 REL = 1e-4
 
 
 def test_tiled_encode_and_decode_match_diffusers_tiling():
-    cfg = CONFIGS["mult122-res1-g16-lat8"]  # 4 image pixels per latent pixel
-    ours, ref = build(cfg, seed=1)
+    cfg = VAE_CONFIGS["mult122-res1-g16-lat8"]  # 4 image pixels per latent pixel
+    ours, ref = vae_pair(cfg, seed=1)
     ref.enable_tiling()
     ref.tile_latent_min_size, ref.tile_sample_min_size = 8, 32  # our tile=8 (latent pixels)
     g = torch.Generator().manual_seed(0)
