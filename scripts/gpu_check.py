@@ -506,18 +506,17 @@ def lcm_case(work, distilled: bool) -> Case:
 
 
 def sdxl_folder(work: Path) -> Path:
-    """tests/test_sdxl.py's `folder` fixture, from the same builders: a tiny SDXL in the
+    """conftest.py's `sdxl_folder` fixture, from the same builders: a tiny SDXL in the
     diffusers layout, with the published scheduler config's DDIM options written out."""
     import torch
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
-    from helpers import randomize_params
-    from test_sdxl import SDXL_SCHEDULER, TEXT_WIDTH, diffusers_unet, hf_text_config, tokenizers
+    from helpers import SDXL_SCHEDULER, TEXT_WIDTH, hf_text_config, randomize_params, tiny_sdxl_unet, tokenizers
     path = work / "sdxl"
     if path.is_dir():
         return path
     torch.manual_seed(0)
-    models = dict(unet=diffusers_unet(),
+    models = dict(unet=tiny_sdxl_unet(),
                   vae=AutoencoderKL(block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=4,
                                     down_block_types=["DownEncoderBlock2D"] * 2,
                                     up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=32,
@@ -558,10 +557,10 @@ def case_lightning(work):
     name (Euler, trailing, 4 steps, no CFG), as tests/test_sdxl.py's lightning fixture."""
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import save_file
-    from helpers import randomize_params
-    from test_sdxl import PROMPT, SEED, diffusers_unet, lightning_reference
+    from helpers import randomize_params, tiny_sdxl_unet
+    from test_sdxl import PROMPT, SEED, lightning_reference
     folder = sdxl_folder(work)
-    unet = randomize_params(diffusers_unet(), seed=7)
+    unet = randomize_params(tiny_sdxl_unet(), seed=7)
     path = work / "sdxl_lightning_4step_unet.safetensors"
     save_file({k: v.contiguous() for k, v in unet.state_dict().items()}, str(path))
 
