@@ -15,7 +15,6 @@ import gc
 import json
 import os
 import platform
-import shutil
 import statistics
 import subprocess
 import sys
@@ -27,10 +26,12 @@ import torch
 
 import sd
 from sd.clip import CLIP_BIG_G, CLIP_L, CLIPConfig, CLIPTextModel
-from sd.tokenizer import ASSETS, bpe_model
+from sd.writer import scheduler_config, write_configs, write_single_file
+from sd.schedule import ScheduleConfig
+from sd.tokenizer import bpe_model
 from sd.unet import SD15, SDXL, UNet, UNetConfig, timestep_embedding
 from sd.vae import VAE_SD15, VAE_SDXL, AutoencoderKL, VAEConfig
-from sd.weights import hf_to_openclip, no_weight_init
+from sd.weights import no_weight_init
 
 PROMPT = "a photograph of an astronaut riding a horse"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -108,59 +109,16 @@ def write_checkpoint(model: str, path: Path, dtype: torch.dtype, arch: Arch | No
     layout, in `dtype`. The modules are built in that dtype and init_weights sets every weight,
     so torch's own initialisation is skipped: SDXL in float16 takes 7 GB to build, not a 10 GB
     float32 UNet first. On a GPU (`device`) the random numbers take a second instead of minutes."""
+    arch = arch or ARCHS[model]
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)
     try:
         with no_weight_init(), torch.device(device):
-            state = random_state(model, arch or ARCHS[model])
+            unet, vae = init_weights(UNet(arch.unet)), init_weights(AutoencoderKL(arch.vae))
+            texts = [init_weights(CLIPTextModel(cfg)) for cfg in arch.texts]
     finally:
         torch.set_default_dtype(torch.float32)
-    from safetensors.torch import save_file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.cpu() for k, v in state.items()}, str(path) + ".part")
-    os.replace(str(path) + ".part", path)
-
-
-def random_state(model: str, arch: Arch) -> dict[str, torch.Tensor]:
-    def weights(prefix, module):
-        return {prefix + k: v.contiguous() for k, v in init_weights(module).state_dict().items()}
-    state = {**weights("model.diffusion_model.", UNet(arch.unet)),
-             **weights("first_stage_model.", AutoencoderKL(arch.vae))}
-    if model == "sd15":
-        return {**state, **weights("cond_stage_model.transformer.text_model.", CLIPTextModel(arch.texts[0])),
-                "cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
-    big_g = hf_to_openclip(init_weights(CLIPTextModel(arch.texts[1])).state_dict())
-    return {**state, **weights("conditioner.embedders.0.transformer.text_model.", CLIPTextModel(arch.texts[0])),
-            **{"conditioner.embedders.1.model." + k: v.contiguous() for k, v in big_g.items()}}
-
-
-def clip_config(cfg, with_projection: bool) -> dict:
-    return {"architectures": ["CLIPTextModelWithProjection" if with_projection else "CLIPTextModel"],
-            "model_type": "clip_text_model", "hidden_size": cfg.width, "intermediate_size": cfg.mlp_width,
-            "num_attention_heads": cfg.heads, "num_hidden_layers": cfg.layers, "max_position_embeddings": 77,
-            "hidden_act": cfg.act, "vocab_size": cfg.vocab_size, "projection_dim": cfg.projection_dim or 768,
-            "layer_norm_eps": cfg.eps, "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 1}
-
-
-def diffusers_unet_config(cfg: UNetConfig, time_embed_dim: int | None) -> dict:
-    """diffusers' UNet2DConditionModel config for sd's UNetConfig. `attention_head_dim` is
-    diffusers' legacy name for the head counts (SD 1.5: 8; SDXL: 5, 10, 20); the middle block
-    takes the last level's transformer depth."""
-    attn = ["CrossAttn" if depth else "" for depth in cfg.transformer_depth]
-    layers = [depth or 1 for depth in cfg.transformer_depth]
-    layers[-1] = cfg.mid_transformer_depth
-    config = {"_class_name": "UNet2DConditionModel", "in_channels": cfg.in_channels,
-              "out_channels": cfg.out_channels, "attention_head_dim": list(cfg.heads),
-              "cross_attention_dim": cfg.context_dim, "layers_per_block": cfg.num_res_blocks,
-              "block_out_channels": [cfg.model_channels * m for m in cfg.channel_mult],
-              "down_block_types": [f"{a}DownBlock2D" for a in attn],
-              "up_block_types": [f"{a}UpBlock2D" for a in reversed(attn)],
-              "transformer_layers_per_block": layers, "use_linear_projection": cfg.linear_proj,
-              "norm_num_groups": cfg.norm_groups, "sample_size": 128 if cfg.adm_in_channels else 64}
-    if cfg.adm_in_channels:
-        config.update(addition_embed_type="text_time", addition_time_embed_dim=time_embed_dim,
-                      projection_class_embeddings_input_dim=cfg.adm_in_channels)
-    return config
+    write_single_file(path, unet, vae, texts)  # SD 1.5 or SDXL by the number of text encoders
 
 
 def size_embed_dim(arch: Arch) -> int:
@@ -169,47 +127,11 @@ def size_embed_dim(arch: Arch) -> int:
 
 
 def write_diffusers_configs(model: str, folder: Path, arch: Arch | None = None):
-    """The component configs diffusers' from_single_file needs (it would fetch them from the Hub)."""
+    """The component configs diffusers' from_single_file needs (it would fetch them from the Hub):
+    sd.writer's, with SD's schedule on Euler."""
     arch = arch or ARCHS[model]
-    euler = {"_class_name": "EulerDiscreteScheduler", "beta_start": 0.00085, "beta_end": 0.012,
-             "beta_schedule": "scaled_linear", "num_train_timesteps": 1000, "steps_offset": 1,
-             "timestep_spacing": "leading", "prediction_type": "epsilon"}
-    if model == "sd15":
-        unet = diffusers_unet_config(arch.unet, None)
-        index = {"_class_name": "StableDiffusionPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
-                 "tokenizer": ["transformers", "CLIPTokenizer"], "safety_checker": [None, None],
-                 "feature_extractor": [None, None], "requires_safety_checker": False}
-        encoders = {"text_encoder": clip_config(arch.texts[0], False)}
-    else:
-        unet = diffusers_unet_config(arch.unet, size_embed_dim(arch))
-        index = {"_class_name": "StableDiffusionXLPipeline", "text_encoder": ["transformers", "CLIPTextModel"],
-                 "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-                 "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
-                 "force_zeros_for_empty_prompt": True}
-        encoders = {"text_encoder": clip_config(arch.texts[0], False),
-                    "text_encoder_2": clip_config(arch.texts[1], True)}
-    v = arch.vae
-    vae = {"_class_name": "AutoencoderKL", "block_out_channels": [v.channels * m for m in v.channel_mult],
-           "layers_per_block": v.num_res_blocks, "down_block_types": ["DownEncoderBlock2D"] * len(v.channel_mult),
-           "up_block_types": ["UpDecoderBlock2D"] * len(v.channel_mult), "latent_channels": v.latent_channels,
-           "norm_num_groups": v.norm_groups, "scaling_factor": v.scaling_factor, "force_upcast": model == "sdxl",
-           "sample_size": 1024 if model == "sdxl" else 512}  # also the side of diffusers' VAE tiles
-    files = {"model_index.json": {**index, "unet": ["diffusers", "UNet2DConditionModel"],
-                                  "vae": ["diffusers", "AutoencoderKL"],
-                                  "scheduler": ["diffusers", "EulerDiscreteScheduler"]},
-             "unet/config.json": unet, "vae/config.json": vae, "scheduler/scheduler_config.json": euler}
-    files.update({f"{name}/config.json": cfg for name, cfg in encoders.items()})
-    for rel, content in files.items():
-        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
-        (folder / rel).write_text(json.dumps(content))
-    for i, name in enumerate(["tokenizer"] + (["tokenizer_2"] if model == "sdxl" else [])):
-        (folder / name).mkdir(exist_ok=True)
-        for f in ("vocab.json", "merges.txt"):
-            shutil.copy(ASSETS / f, folder / name / f)
-        pad = "<|endoftext|>" if i == 0 else "!"
-        (folder / name / "tokenizer_config.json").write_text(json.dumps(
-            {"model_max_length": 77, "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-             "unk_token": "<|endoftext|>", "pad_token": pad, "tokenizer_class": "CLIPTokenizer"}))
+    write_configs(folder, model, arch.unet, arch.vae, list(arch.texts), 1024 if model == "sdxl" else 512,
+                  scheduler_config("euler", "default", ScheduleConfig()))
 
 
 # ---------------------------------------------------------------- measuring

@@ -33,10 +33,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from safetensors.torch import save_file
 
 from sd import shapes
 from sd.clip import CLIPConfig, CLIPTextModel
+from sd.writer import write_single_file
 from sd.schedule import ScheduleConfig, alphas_cumprod
 from sd.tiny import CHECKPOINT, PRESET_KEY, PRESET_NAME
 from sd.tokenizer import Tokenizer
@@ -203,14 +203,8 @@ def train_diffusion(latents: torch.Tensor, scenes: list, args, log: Log) -> tupl
 
 
 def save_checkpoint(path: Path, unet: UNet, vae: AutoencoderKL, clip: CLIPTextModel):
-    """The official single-file layout of an SD 1.5 checkpoint, in float16."""
-    state = {}
-    for prefix, module in (("model.diffusion_model.", unet), ("first_stage_model.", vae),
-                           ("cond_stage_model.transformer.text_model.", clip)):
-        state.update({prefix + k: v.detach().to("cpu", torch.float16).contiguous()
-                      for k, v in module.state_dict().items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata={PRESET_KEY: PRESET_NAME})
+    """The official single-file layout of an SD 1.5 checkpoint, in float16, naming its preset."""
+    write_single_file(path, unet, vae, [clip], dtype=torch.float16, metadata={PRESET_KEY: PRESET_NAME})
 
 
 def plot_losses(losses: dict[str, list[float]], path: Path, smooth: int = 25):
