@@ -113,14 +113,14 @@ def run_jobs(w, jobs, during=None) -> tuple[list, list]:
 
 
 class Gate:
-    """A worker listener that holds the worker thread when a ticket reports step `at`, until
-    `release()`; `reached` is set once it holds."""
+    """A worker listener that holds the worker thread when a ticket (one `only` accepts) reports
+    step `at`, until `release()`; `reached` is set once it holds."""
 
-    def __init__(self, at: int = 1):
-        self.at, self.reached, self.open = at, threading.Event(), threading.Event()
+    def __init__(self, at: int = 1, only=lambda ticket: True):
+        self.at, self.only, self.reached, self.open = at, only, threading.Event(), threading.Event()
 
     def __call__(self, ticket):
-        if ticket.state == "running" and ticket.step == self.at and not self.open.is_set():
+        if ticket.state == "running" and ticket.step == self.at and not self.open.is_set() and self.only(ticket):
             self.reached.set()
             assert self.open.wait(60), "the gate was never released"
 
@@ -129,3 +129,41 @@ class Gate:
 
     def release(self):
         self.open.set()
+
+
+class AppServer:
+    """The app around a given Service (several workers, say) under uvicorn in a thread, as
+    server_fixtures.InProcessServer runs one around a cache."""
+
+    def __init__(self, service):
+        import uvicorn
+
+        from sd.serve.app import create_app
+        from sd.serve.cli import uvicorn_config
+        from sd.serve.connections import ConnectionGuard
+        from server_fixtures import free_port, wait_until
+        self.service, self.port = service, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        service.guard = ConnectionGuard(30.0, 128)
+        config = uvicorn_config(create_app(service), service.guard, "127.0.0.1", self.port)
+        config.log_level = "warning"
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), "started")
+        assert self.server.started, "the server did not start"
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def several(folder: Path, n: int, **kw):
+    """A Service with n CPU workers (cpu#0, cpu#1, ...) over echo caches, as `--device cpu,cpu` makes it."""
+    from sd.serve.app import Service
+    from sd.serve.router import Workers, unique_names
+    caches = [echo_cache(folder) for _ in range(n)]
+    speeds = Speeds(None, "cpu")
+    workers = [Worker(c, speeds, kw.get("queue_size", 32), lambda pipe: 0.0, max_batch=kw.get("max_batch", 4),
+                      name=name) for c, name in zip(caches, unique_names(["cpu"] * n))]
+    return Service(caches[0], Workers(workers), speeds, api_token=kw.get("api_token"))
