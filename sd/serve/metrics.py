@@ -90,15 +90,20 @@ class _Live:
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
 
-    def collect(self):
+    @staticmethod
+    def describe():
+        """The families, empty (the registry checks their names against the others' when registering)."""
         from prometheus_client.core import GaugeMetricFamily
-        gauges = {name: GaugeMetricFamily(name, text, labels=labels) for name, text, labels in (
+        return {name: GaugeMetricFamily(name, text, labels=labels) for name, text, labels in (
             ("sd_queue_length", "Jobs waiting", ["device"]),
             ("sd_running_jobs", "Jobs in the running batch", ["device"]),
             ("sd_images_per_second", f"Images made over the last {RATE_WINDOW:g} s, per second", ["device"]),
             ("sd_models_loaded", "Models in the device's cache", ["device"]),
             ("sd_device_memory_bytes", "Device memory: weights (the cache's models), allocated and reserved "
-                                       "(PyTorch's CUDA allocator), total", ["device", "kind"]))}
+                                       "(PyTorch's CUDA allocator), total", ["device", "kind"]))}.values()
+
+    def collect(self):
+        gauges = {family.name: family for family in self.describe()}
         for worker in self.metrics.workers:
             name = worker.name
             gauges["sd_queue_length"].add_metric([name], len(worker.waiting))
