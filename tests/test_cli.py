@@ -228,14 +228,15 @@ def test_large_sizes_warn_and_show_progress_from_the_start(tmp_path, capsys):
 
 def test_num_images_writes_one_file_each(tiny_checkpoint, tmp_path):
     out = tmp_path / "batch.png"
-    assert run(tiny_checkpoint, out, "--num-images", "3") == 0
+    assert run(tiny_checkpoint, out, "--num-images", "3", "--width", "64", "--height", "64") == 0
     seeds = [json.loads(Image.open(tmp_path / f"batch-{k}.png").text["sd"])["seed"] for k in (1, 2, 3)]
     assert seeds == [7, 8, 9] and not out.exists()
 
 
 def test_sampler_options_reach_the_sampler(tiny_checkpoint, tmp_path):
     out = tmp_path / "o.png"
-    assert run(tiny_checkpoint, out, "--sampler", "euler_a", "--sampler-option", "eta=0.5") == 0
+    assert run(tiny_checkpoint, out, "--sampler", "euler_a", "--sampler-option", "eta=0.5", "--width", "64",
+               "--height", "64") == 0
     assert json.loads(Image.open(out).text["sd"])["sampler_options"] == {"eta": 0.5}
 
 
