@@ -294,10 +294,6 @@ function reuseSettings(settings) {
   $("prompt").focus();
 }
 
-function base64Bytes(text) {
-  return Uint8Array.from(atob(text), (c) => c.charCodeAt(0));
-}
-
 // ---------------------------------------------------------------- a generation
 
 async function follow(job) {
@@ -336,12 +332,13 @@ async function generate() {
   try {
     const reply = await authorized(() => call("POST", "/v1/sd/generate", { body: request, jobId: job.id }));
     await Promise.race([following, new Promise((done) => setTimeout(done, STREAM_GRACE_MS))]);
-    let settings;
-    for (const image of reply.images) settings = gallery.add(base64Bytes(image.png));
-    state.lastSeed = reply.images[0]?.settings.seed ?? state.lastSeed;
+    // newest first, a batch in its own order; each shown with the settings its PNG carries
+    const seeds = [...reply.images].reverse().map((image) => gallery.add(image.png).seed).reverse();
+    state.lastSeed = seeds[0] ?? state.lastSeed;
     showSeedMode();
-    const n = reply.images.length;
-    progress(1, 1, `Done: ${n} image${n === 1 ? "" : "s"} in ${reply.seconds.toFixed(1)} s (seed ${settings?.seed}).`);
+    const n = seeds.length;
+    const which = n === 1 ? `seed ${seeds[0]}` : `seeds ${seeds.join(", ")}`;
+    progress(1, 1, `Done: ${n} image${n === 1 ? "" : "s"} in ${reply.seconds.toFixed(1)} s (${which}).`);
   } catch (e) {
     if (!(job.cancelled && e instanceof ApiError && e.status === 409)) {
       progress(0, 1, "Failed.");

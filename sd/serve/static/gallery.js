@@ -22,14 +22,15 @@ export class Gallery {
     this.actions = { useAsInput, reuse };
   }
 
-  // png: the file's bytes (Uint8Array). Returns the settings the file carries.
-  add(png) {
+  // base64: the PNG file as the API sent it. Returns the settings the file carries.
+  add(base64) {
+    const png = Uint8Array.from(atob(base64), (c) => c.charCodeAt(0));
     const settings = settingsOf(png);
     const blob = new Blob([png], { type: "image/png" });
-    const url = URL.createObjectURL(blob);
+    const url = `data:image/png;base64,${base64}`; // the file itself: what is shown is what downloads
     const seed = settings.seed ?? "unknown";
     const image = element("img", { src: url, alt: `Result: ${settings.prompt ?? "image"}, seed ${seed}` });
-    image.addEventListener("load", () => image.classList.toggle("pixelated", image.naturalWidth < 256), { once: true });
+    image.classList.toggle("pixelated", settings.width < 256); // small pictures shown large: sharp pixels
     const values = { ...settings, size: settings.width && `${settings.width}×${settings.height}` };
     const details = element("dl", { className: "settings" });
     for (const [key, label] of SHOWN) {
