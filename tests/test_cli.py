@@ -13,7 +13,6 @@ from safetensors.torch import save_file
 
 import sd
 # The fixture lives in conftest; test_models.py still imports it from here, until it takes conftest's.
-from conftest import tiny_checkpoint  # noqa: F401
 from sd.cli import main
 
 

@@ -11,14 +11,12 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import sd
-from helpers import randomize_params
+from helpers import UNET_XL, randomize_params
 from sd import unet as sd_unet
 from sd.registry import (REGISTRY, Registry, UnknownModel, WeightsMissing, load_model, parse_overrides,
                          spec_of)
 from sd.serve.cache import ModelCache, pipeline_bytes
 from sd.serve.jobs import GenerationJob
-from test_cli import tiny_checkpoint  # noqa: F401  (fixture)
-from test_sdxl import UNET_XL, single_file  # noqa: F401  (fixture)
 
 BASE = "@cf/stabilityai/stable-diffusion-xl-base-1.0"
 LIGHTNING = "@cf/bytedance/stable-diffusion-xl-lightning"
@@ -36,10 +34,10 @@ def place(weights, model_id, source):
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory, single_file, tiny_checkpoint):  # noqa: F811
+def weights(tmp_path_factory, sdxl_single_file, tiny_checkpoint):
     """A weights dir with tiny SDXL base + Lightning UNet and tiny SD 1.5 files in the official places."""
     root = tmp_path_factory.mktemp("weights")
-    place(root, BASE, single_file)
+    place(root, BASE, sdxl_single_file)
     unet = randomize_params(sd_unet.UNet(UNET_XL), seed=11)
     lightning = root / REGISTRY[LIGHTNING].unet
     lightning.parent.mkdir(parents=True)
@@ -147,7 +145,7 @@ def test_a_job_gets_its_models_modes_and_defaults(weights, tiny_checkpoint):  # 
     assert before == {m: fresh.get(m).defaults for m in (SD15, INPAINT)}
 
 
-def test_source_checks_pass_each_layout_and_name_what_is_wrong(tmp_path, single_file, tiny_checkpoint):  # noqa: F811
+def test_source_checks_pass_each_layout_and_name_what_is_wrong(tmp_path, sdxl_single_file, tiny_checkpoint):
     """What `sd serve` reads at startup (headers, not weights) passes every layout sd.load takes, a
     diffusers folder saved by diffusers included, and names the file and the fault otherwise."""
     from diffusers import DDIMScheduler
@@ -157,7 +155,7 @@ def test_source_checks_pass_each_layout_and_name_what_is_wrong(tmp_path, single_
     folder = save_folder(tiny_sd15_components(TEXT_WIDTH), DDIMScheduler(**SD15_SCHEDULE), tmp_path / "folder")
     unet_only = tmp_path / "unet.safetensors"  # a UNet-only file in diffusers names, as SDXL-Lightning ships
     save_file({"conv_in.weight": torch.zeros(1)}, str(unet_only))
-    for source in (folder, single_file, tiny_checkpoint, unet_only):
+    for source in (folder, sdxl_single_file, tiny_checkpoint, unet_only):
         check_source(source)
     sd.load(folder, device="cpu")  # and it does load
     (folder / "vae" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 64)

@@ -38,9 +38,6 @@ from transformers import CLIPTextModelWithProjection
 from transformers import CLIPTextModel as HFCLIPTextModel
 
 import sd
-# The fixture lives in conftest; test_models.py still imports it from here as `single_file`, until it takes
-# conftest's.
-from conftest import sdxl_single_file as single_file  # noqa: F401
 from helpers import (ADM_IN, BIG_G_KEY, BIG_G_TINY, CLIP_L_TINY, CONTEXT_DIM, SAMPLERS, SDXL_SCHEDULER, TEXT_WIDTH,
                      UNET_KEY, UNET_XL, VAE_XL, XL_GUIDANCE, XL_NEGATIVE, XL_PROMPT, XL_SEED, XL_STEPS,
                      assert_same_image, hf_text_config, randomize_params, tiny_sdxl_unet, tokenizers)
