@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..prompts import STYLES
 from ..registry import REGISTRY, Registry, UnknownModel, default_weights_dir, parse_overrides
-from .app import MISSING_EXTRA, Service, create_app
+from .app import MISSING_EXTRA, Service, create_app, workers_of
 from .cache import ModelCache, memory_budget
 from .connections import ConnectionGuard
 from .image_files import DEFAULT_TTL, ImageFiles
@@ -148,6 +148,10 @@ def check_device(name: str | None) -> str | None:
     return None
 
 
+class StartupError(Exception):
+    """Why `sd serve` can never work with these flags: one line that names the flag."""
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parser().parse_args(argv)
@@ -159,15 +163,27 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print(MISSING_EXTRA, file=sys.stderr)
         return 2
+    try:
+        service = build_service(args)
+    except StartupError as e:
+        return _fail(str(e))
+    _log_to_stderr()
+    log_startup(service, args)
+    return serve(uvicorn.Server(uvicorn_config(create_app(service), service.guard, args.host, args.port)), service)
+
+
+def build_service(args: argparse.Namespace) -> Service:
+    """The Service that `sd serve` runs for its parsed flags (a Ray Serve replica builds its own
+    here too, sd/serve/ray_app.py), after the checks of what could never work (StartupError)."""
     if args.api_token is not None and not args.api_token.strip():
-        return _fail("--api-token: empty (leave it out to serve without authentication)")
+        raise StartupError("--api-token: empty (leave it out to serve without authentication)")
     try:
         overrides = parse_overrides(args.model)
     except (InputError, UnknownModel) as e:
-        return _fail(str(e))
+        raise StartupError(str(e)) from None
     devices = devices_of(args.device)
     if problem := next(filter(None, map(check_device, devices)), None):
-        return _fail(problem)
+        raise StartupError(problem)
     registry = Registry(Path(args.weights_dir) if args.weights_dir else default_weights_dir(), overrides)
     import torch
     dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}.get(args.dtype)
@@ -176,26 +192,29 @@ def main(argv: list[str] | None = None) -> int:
     problems = [f"{model_id}{' (given with --model)' if model_id in overrides else ''}: {problem}"
                 for model_id in REGISTRY if (problem := cache.problem(model_id))]
     if problems:
-        return _fail(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-    timeout = args.timeout or None
+        raise StartupError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     names = unique_names([str(c.device) for c in caches])
-    speeds = Speeds(timeout, ",".join(names))
+    speeds = Speeds(args.timeout or None, ",".join(names))
     workers = [Worker(c, speeds, args.queue_size, max_batch=args.max_batch, name=name) for c, name in zip(caches, names)]
     token = args.api_token if args.api_token is not None else os.environ.get("SD_API_TOKEN") or None
-    guard = ConnectionGuard(args.read_timeout, args.max_connections)
-    service = Service(cache, workers[0] if len(workers) == 1 else Workers(workers), speeds, api_token=token,
-                      max_body=int(args.max_body_mb * 2 ** 20), read_timeout=args.read_timeout, guard=guard,
-                      prompt_style=args.prompt_style,
-                      image_files=ImageFiles(args.url_ttl, args.public_url))
-    _log_to_stderr()
-    for model_id in REGISTRY:  # the server's own log: paths are shown here
-        state = cache.state(model_id)
+    return Service(cache, workers[0] if len(workers) == 1 else Workers(workers), speeds, api_token=token,
+                   max_body=int(args.max_body_mb * 2 ** 20), read_timeout=args.read_timeout,
+                   guard=ConnectionGuard(args.read_timeout, args.max_connections), prompt_style=args.prompt_style,
+                   image_files=ImageFiles(args.url_ttl, args.public_url))
+
+
+def log_startup(service: Service, args: argparse.Namespace):
+    """The server's own log (paths are shown here): each model's state, then the limits."""
+    registry = service.cache.registry
+    for model_id in REGISTRY:
+        state = service.cache.state(model_id)
         log.info("%s", registry.missing_message(model_id) if state in ("missing", "not downloaded")
                  else f"{model_id}: ready ({registry.sources(model_id)[0]})")
+    timeout = service.timeout
     log.info("device %s, max batch %s, queue %d, body limit %g MiB, timeout %s, read timeout %g s, %d connections, "
-             "%s", ", ".join(names), args.max_batch or "auto", args.queue_size, args.max_body_mb, f"{timeout:g} s" if timeout else "none", args.read_timeout,
-             args.max_connections, "API token required" if token else "no authentication")
-    return serve(uvicorn.Server(uvicorn_config(create_app(service), guard, args.host, args.port)), service)
+             "%s", ", ".join(w.name for w in workers_of(service)), args.max_batch or "auto", args.queue_size,
+             args.max_body_mb, f"{timeout:g} s" if timeout else "none", args.read_timeout, args.max_connections,
+             "API token required" if service.api_token else "no authentication")
 
 
 def uvicorn_config(app, guard: ConnectionGuard, host: str, port: int):
