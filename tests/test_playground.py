@@ -376,14 +376,14 @@ def mask_of(page) -> np.ndarray:
 
 def test_cancel_stops_the_running_job(page, server):
     page.allowed = {409}  # the generate request's answer: cancelled
-    page.fill("a small orange circle on the right, black background", num_steps=400)
+    page.fill("a small orange circle on the right, black background", num_steps=1000)
     before = len(page.results())
     page.el("generate").click()
     page.wait(lambda: page.text("progress-label").startswith("Step "), "running")
     page.el("cancel").click()
     page.wait(lambda: page.text("progress-label").startswith("Stopped at step "), "stopped")
     step, steps = map(int, re.search(r"step (\d+)/(\d+)", page.text("progress-label")).groups())
-    assert steps == 400 and 1 <= step < 400
+    assert steps == 1000 and 1 <= step < 1000
     page.wait(lambda: page.el("generate").is_enabled(), "ready again")
     assert len(page.results()) == before and page.el("errors").get_attribute("hidden") is not None
     wait_until(lambda: httpx.get(server.url + "/healthz").json()["running"] is None, "the worker free")

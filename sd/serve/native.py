@@ -104,9 +104,11 @@ SDXL_ONLY = ("original_size", "crop_top_left", "target_size")  # checked by the 
 # ---------------------------------------------------------------- input
 
 
-def to_job(body: bytes) -> GenerationJob:
+def to_job(body: bytes, defaults_of=lambda model: Defaults()) -> GenerationJob:
     """The request body -> the job (fields left out are left out: the model's defaults apply).
-    Raises RequestError(400) listing every violation of the schema, or the core's InputError."""
+    Raises RequestError(400) listing every violation of the schema, or the core's InputError from
+    its checks of the values against `defaults_of(model)` (a sampler's options are those of the
+    model's own sampler when the request names none)."""
     data = parse_json(body)
     if not isinstance(data, dict):
         raise RequestError(400, f"body: must be a JSON object, got {shown(data)}")
@@ -132,10 +134,10 @@ def to_job(body: bytes) -> GenerationJob:
         raise RequestError(400, errors)
     kwargs = {name: tuple(v) if name in SDXL_ONLY else v for name, v in data.items()
               if name not in PICTURES and name != "model"}
-    _check_values(kwargs, set(pictures))
-    kwargs.update(pictures)
+    _check_values(kwargs, set(pictures), defaults_of(data["model"]))
+    kwargs.update({name: picture for name, (picture, _) in pictures.items()})
     if "image" in pictures:
-        kwargs.update(_sides_of(pictures["image"], kwargs))
+        kwargs.update(_sides_of(pictures["image"][1], kwargs))
     return GenerationJob(data["model"], kwargs)
 
 
@@ -147,7 +149,9 @@ def _is_unicode(text: str) -> bool:
     return True
 
 
-def _decoded(value: str, name: str) -> bytes:
+def _decoded(value: str, name: str) -> tuple[bytes, tuple[int, int]]:
+    """The picture's bytes and size; the picture decoded once here, so that a broken one is the
+    client's 400 and not the worker's 500 (the worker decodes it again: bytes queue smaller)."""
     if value.startswith("data:") and ";base64," in value[:100]:
         value = value.split(";base64,", 1)[1]
     try:
@@ -156,24 +160,23 @@ def _decoded(value: str, name: str) -> bytes:
         raise RequestError(400, f"{name}: not valid base64 ({e})") from None
     if not data:
         raise RequestError(400, f"{name}: decodes to no bytes")
-    image_size(data, name)  # a picture PIL can read, at most 8192 x 8192: the client's 400, not the worker's 500
-    return data
+    return data, image_size(data, name)  # at most 8192 x 8192
 
 
-def _check_values(kwargs: dict, pictures: set[str]):
-    """The core's own checks of the values (sd.request.check) on the plain defaults, before anything
-    queues: what they refuse here, the model would refuse too. Size conditioning is left to the
-    pipeline, which knows whether the model is SDXL."""
+def _check_values(kwargs: dict, pictures: set[str], defaults: Defaults):
+    """The core's own checks of the values (sd.request.check), before anything queues: what they
+    refuse here, the pipeline would refuse too. Size conditioning is left to the pipeline, which
+    knows whether the model is SDXL."""
     from ..request import check
-    check(Defaults(), multiple=8, sdxl=False, has_image="image" in pictures, has_mask="mask" in pictures,
+    check(defaults, multiple=8, sdxl=False, has_image="image" in pictures, has_mask="mask" in pictures,
           **{k: v for k, v in kwargs.items() if k not in SDXL_ONLY})
 
 
-def _sides_of(image: bytes, kwargs: dict) -> dict:
+def _sides_of(size: tuple[int, int], kwargs: dict) -> dict:
     """The sides the request left out, from the image: its own rounded down to a multiple of 8 (what
     the pipeline would take), the whole scaled down first when a side passes MAX_SIDE. Written out so
     that the size is known before the job runs (its time estimate, the log)."""
-    width, height = image_size(image, "image")
+    width, height = size
     scale = min(1.0, MAX_SIDE / max(width, height))
     sides = {"width": int(width * scale) // 8 * 8, "height": int(height * scale) // 8 * 8}
     return {k: v for k, v in sides.items() if k not in kwargs and v >= 8}
@@ -217,17 +220,17 @@ class Generation:
     """The dialect of one POST /v1/sd/generate, for `app.generation`: it reads the body and answers
     as the module does, and tells the job's followers how it ended (in the reply's own words)."""
 
-    def __init__(self, tracker: Tracker, followed: Followed):
-        self.tracker, self.followed, self.model = tracker, followed, None
+    def __init__(self, tracker: Tracker, followed: Followed, defaults_of):
+        self.tracker, self.followed, self.defaults_of, self.model = tracker, followed, defaults_of, None
 
     @classmethod
     def claim(cls, service, header: str | None, ref: str) -> "Generation":
         """For the request `ref`: its job, named by its X-Job-Id header or new, claimed before the body
         is read, so that the job's events can be followed from the start."""
-        return cls(tracker(service), tracker(service).claim(job_id(header), ref))
+        return cls(tracker(service), tracker(service).claim(job_id(header), ref), service.cache.defaults)
 
     def to_job(self, model, body: bytes, content_type: str) -> GenerationJob:
-        job = to_job(body)
+        job = to_job(body, self.defaults_of)
         self.model = job.model
         return job
 
@@ -329,11 +332,10 @@ async def job_cancel(request, service) -> Reply:
 
 
 async def job_events(request, service):
-    """text/event-stream. An id that names no job yet is waited for (progress.CLAIM_WAIT), so a client
-    may subscribe before it sends the generate request that names the job."""
-    from starlette.responses import StreamingResponse
+    """text/event-stream, its follower registered before the headers go out. An id that names no job
+    yet is waited for (progress.CLAIM_WAIT): a client may subscribe, read the headers, then send the
+    generate request that names the job, and miss none of its events."""
     name = request.path_params["job"]
     if not JOB_ID.fullmatch(name):
         raise RequestError(404, f"job: no job {shown(name)} (ids are 1 to 64 letters, digits, '-' or '_')")
-    return StreamingResponse(tracker(service).events(name), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return tracker(service).follow(name)

@@ -41,7 +41,8 @@ class Followed:
         self.id = job_id
         self.ref: str | None = None      # its generate request's id (the worker's ticket.ref); None: no POST yet
         self.model: str | None = None
-        self.state = "waiting"           # waiting (for its POST or the body's checks), queued, running, done, ...
+        self.state = "waiting"           # for its generate request, or while that is read and checked; then
+        #                                  queued, running, and one of TERMINAL
         self.position = 0                # 1 = next to run
         self.step, self.steps, self.preview = 0, 0, None
         self.cancelled = False
@@ -112,7 +113,7 @@ class Tracker:
                                    "seconds": round(result.seconds, 3)})
 
     def failed(self, job: Followed, status: int, errors: list[dict]):
-        if job.cancelled:
+        if job.cancelled and job.state == "running":
             return  # the cancel's own answer to the request; `stopped` comes when the worker lets go of it
         self._finish(job, "failed", {"status": status, "errors": errors})
 
@@ -224,44 +225,65 @@ class Tracker:
                 del self.jobs[old_id]
         self._positions()
 
-    async def events(self, job_id: str):
-        """The job's events as SSE bytes, from where it is now to its end. For an id that names no
-        job yet, the stream waits CLAIM_WAIT seconds for a generate request to claim it. It ends at
-        the job's last event, when the client leaves (Starlette cancels it), or, for a job that no
-        request has claimed, when the server shuts down."""
+    def follow(self, job_id: str) -> "EventStream":
+        """A follower of the job, registered now, before any byte of its response goes out (so a
+        client that has the response's headers may send the generate request and miss nothing),
+        with where the job is now queued as its first events. An id that names no job yet makes a
+        job for it that a generate request may claim within CLAIM_WAIT seconds."""
         job = self.jobs.get(job_id)
         if job is None:
             job = self.jobs[job_id] = Followed(job_id)
         queue: asyncio.Queue = asyncio.Queue(FOLLOWER_QUEUE)
+        for event in job.replay():
+            queue.put_nowait(event)
         job.followers.add(queue)
-        try:
-            for event in job.replay():
-                yield sse(*event)
-            if job.last:
-                return
-            ticks = 0
-            while True:
-                try:
-                    name, data = await asyncio.wait_for(queue.get(), TICK)
-                except asyncio.TimeoutError:
-                    ticks += 1
-                    if job.ref is None and (self.worker.closing or time.monotonic() - job.since > CLAIM_WAIT):
-                        status, why = ((503, f"{self.worker.closing}") if self.worker.closing else
-                                       (404, f"no generate request named it within {CLAIM_WAIT:g} s"))
-                        yield sse("failed", {"job": job_id, "status": status,
-                                             "errors": [{"field": None, "message": f"job {job_id}: {why}"}]})
-                        return
-                    if ticks % KEEPALIVE == 0:
-                        yield b": keep-alive\n\n"
-                    continue
-                yield sse(name, data)
-                if name in TERMINAL:
+        return EventStream(self, job, queue)
+
+    def unfollow(self, job: Followed, queue: asyncio.Queue):
+        job.followers.discard(queue)
+        if job.ref is None and not job.followers and self.jobs.get(job.id) is job:
+            del self.jobs[job.id]  # nobody claimed it and nobody waits for it
+
+    async def events(self, job: Followed, queue: asyncio.Queue):
+        """The follower's events as SSE bytes, to the job's last. A job no request has claimed
+        ends with `failed` after CLAIM_WAIT seconds, or when the server shuts down."""
+        ticks = 0
+        while True:
+            try:
+                name, data = await asyncio.wait_for(queue.get(), TICK)
+            except asyncio.TimeoutError:
+                ticks += 1
+                if job.ref is None and (self.worker.closing or time.monotonic() - job.since > CLAIM_WAIT):
+                    status, why = ((503, f"{self.worker.closing}") if self.worker.closing else
+                                   (404, f"no generate request named it within {CLAIM_WAIT:g} s"))
+                    yield sse("failed", {"job": job.id, "status": status,
+                                         "errors": [{"field": None, "message": f"job {job.id}: {why}"}]})
                     return
-        finally:
-            job.followers.discard(queue)
-            if job.ref is None and not job.followers and self.jobs.get(job_id) is job:
-                del self.jobs[job_id]  # nobody claimed it and nobody waits for it
+                if ticks % KEEPALIVE == 0:
+                    yield b": keep-alive\n\n"
+                continue
+            yield sse(name, data)
+            if name in TERMINAL:
+                return
 
     def following(self) -> int:
         """Open event streams (for tests and health checks)."""
         return sum(len(job.followers) for job in self.jobs.values())
+
+
+class EventStream:
+    """The ASGI response of GET /v1/sd/jobs/{id}/events: its follower is dropped however the
+    response ends: the last event sent, the client gone (Starlette then cancels the stream), or
+    never started at all."""
+
+    def __init__(self, tracker: Tracker, job: Followed, queue: asyncio.Queue):
+        self.tracker, self.job, self.queue = tracker, job, queue
+
+    async def __call__(self, scope, receive, send):
+        from starlette.responses import StreamingResponse
+        try:
+            stream = StreamingResponse(self.tracker.events(self.job, self.queue), media_type="text/event-stream",
+                                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            await stream(scope, receive, send)
+        finally:
+            self.tracker.unfollow(self.job, self.queue)

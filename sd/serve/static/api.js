@@ -61,11 +61,18 @@ export function newJobId() {
   return "page-" + Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
 }
 
-// The job's events, {name, data}, until its last one (or until `signal` aborts).
-export async function* events(jobId, signal) {
+// Follow a job: resolves once the server has registered this follower (its response's headers are
+// in), so that a generate request sent after it misses none of the job's events; then read them with
+// events(). The server waits a while for a job id no request has named yet.
+export async function follow(jobId, signal) {
   const response = await send(`/v1/sd/jobs/${encodeURIComponent(jobId)}/events`,
     { headers: headers({ Accept: "text/event-stream" }), signal });
   if (!response.ok) throw await errorOf(response);
+  return response;
+}
+
+// A followed job's events, {name, data}, until its last one (or until the follow's signal aborts).
+export async function* events(response) {
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
   for (;;) {

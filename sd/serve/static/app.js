@@ -1,7 +1,7 @@
 // The playground: a form for POST /v1/sd/generate, the job's progress from its event stream, and
 // the results. Everything here goes through sd's public JSON API (api.js); see README, "Playground".
 
-import { ApiError, call, events, newJobId, token } from "./api.js";
+import { ApiError, call, events, follow, newJobId, token } from "./api.js";
 import { Gallery } from "./gallery.js";
 import { Mask, dataUrl } from "./mask.js";
 
@@ -296,9 +296,10 @@ function reuseSettings(settings) {
 
 // ---------------------------------------------------------------- a generation
 
-async function follow(job) {
+// Show a followed job's progress until its last event.
+async function show(stream) {
   try {
-    for await (const { name, data } of events(job.id, job.controller.signal)) {
+    for await (const { name, data } of events(stream)) {
       if (name === "queued") progress(0, 1, data.position > 1 ? `Queued: ${data.position - 1} ahead of it.` : "Queued: next.");
       else if (name === "running") progress(0, 1, "Running: loading the model…");
       else if (name === "progress") {
@@ -323,13 +324,20 @@ async function generate() {
   } catch (e) {
     return fail(e);
   }
-  const job = state.job = { id: newJobId(), controller: new AbortController(), cancelled: false };
+  const job = state.job = { id: newJobId(), controller: new AbortController(), cancelled: false, posted: false };
   $("generate").disabled = true;
   $("cancel").disabled = false;
   $("live").hidden = true;
   progress(0, 1, "Sending…");
-  const following = follow(job);
+  let following = Promise.resolve();
   try {
+    // follow first, so that no step goes unseen; a stream that will not open only costs the live progress
+    const stream = await authorized(() => follow(job.id, job.controller.signal)).catch((e) => {
+      if (e.name === "AbortError" || e.status === 401) throw e;
+      console.warn("progress stream:", e.message);
+    });
+    if (stream) following = show(stream);
+    job.posted = true;
     const reply = await authorized(() => call("POST", "/v1/sd/generate", { body: request, jobId: job.id }));
     await Promise.race([following, new Promise((done) => setTimeout(done, STREAM_GRACE_MS))]);
     // newest first, a batch in its own order; each shown with the settings its PNG carries
@@ -340,7 +348,9 @@ async function generate() {
     const which = n === 1 ? `seed ${seeds[0]}` : `seeds ${seeds.join(", ")}`;
     progress(1, 1, `Done: ${n} image${n === 1 ? "" : "s"} in ${reply.seconds.toFixed(1)} s (${which}).`);
   } catch (e) {
-    if (!(job.cancelled && e instanceof ApiError && e.status === 409)) {
+    if (job.cancelled && e.name === "AbortError") {
+      progress(0, 1, "Cancelled before it was sent.");
+    } else if (!(job.cancelled && e instanceof ApiError && e.status === 409)) { // 409: the cancel's own answer
       progress(0, 1, "Failed.");
       fail(e);
     }
@@ -358,6 +368,7 @@ async function cancel() {
   if (!job || job.cancelled) return;
   job.cancelled = true;
   $("cancel").disabled = true;
+  if (!job.posted) return job.controller.abort(); // nothing sent yet: nothing to stop on the server
   $("progress-label").textContent = "Cancelling…";
   try {
     await authorized(() => call("POST", `/v1/sd/jobs/${encodeURIComponent(job.id)}/cancel`));
