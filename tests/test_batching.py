@@ -322,3 +322,12 @@ def test_requests_queued_over_http_batch_and_a_client_that_leaves_leaves_its_bat
         gate.release()
         log.detach()
         server.stop()
+
+
+def test_a_job_that_cannot_be_planned_fails_alone_and_the_worker_goes_on(tmp_path):
+    """Without the app's checks in front (a Ray replica's worker, say), an unknown model reaches the
+    worker: it fails with the registry's error, and the next job runs."""
+    from sd.registry import UnknownModel
+    w = worker(echo_cache(tmp_path), max_batch=8)
+    _, outcomes = run_jobs(w, [GenerationJob("@cf/no/such-model", {"prompt": "x"}), job(seed=1)])
+    assert isinstance(outcomes[0], UnknownModel) and outcomes[1].pictures[0].settings["seed"] == 1

@@ -105,7 +105,8 @@ def run_jobs(w, jobs, during=None) -> tuple[list, list]:
         try:
             tickets = [w.submit(job, f"job{k}") for k, job in enumerate(jobs)]
             awaited = (await during(tickets)) if during else tickets
-            outcomes = await asyncio.gather(*(t.future for t in awaited), return_exceptions=True)
+            # the timeout only guards against a hang (a dead consumer), it is no expectation of speed
+            outcomes = await asyncio.wait_for(asyncio.gather(*(t.future for t in awaited), return_exceptions=True), 60)
             return tickets, outcomes
         finally:
             await w.stop()

@@ -213,8 +213,11 @@ class Worker:
         """The ticket's batching.Share, planned once (its random seed drawn then); None: alone."""
         if ticket.share is _UNPLANNED:
             pipe = self.cache.pipelines.get(ticket.job.model)  # the thread is idle: nothing loads now
-            share = batching.share_of(ticket.job, self.cache.defaults(ticket.job.model).prompt_style,
-                                      getattr(pipe, "tokenizers", None))
+            try:
+                share = batching.share_of(ticket.job, self.cache.defaults(ticket.job.model).prompt_style,
+                                          getattr(pipe, "tokenizers", None))
+            except Exception:  # an unknown model, say: it runs alone, and fails there with its own error
+                share = None
             if share is None and pipe is None:
                 return None  # weighted prompts: planned again once their model's tokenizers are here
             ticket.share = share
