@@ -187,12 +187,23 @@ def test_what_shares_a_batch():
     assert batching.share_of(job(prompt_style="weighted"), "plain", tokenizers=[]) is not None
 
 
-def test_the_default_max_batch():
-    """A CPU: CPU_MAX_BATCH. A GPU: what 70% of the free memory holds at the measured bytes per image."""
+def test_the_default_max_batch(monkeypatch):
+    """A CPU: CPU_MAX_BATCH. A GPU: what 70% of the memory free after measuring holds at the measured
+    bytes per image (the measurement itself needs a GPU: scripts/gpu_check.py's business), 1 when
+    the measurement runs out of memory."""
     assert batching.batch_limit(type("Pipe", (), {"device": torch.device("cpu")})()) == batching.CPU_MAX_BATCH
     assert batching.limit_from_memory(free=10 * 2 ** 30, per_image=2 ** 30) == 7
     assert batching.limit_from_memory(free=2 ** 40, per_image=2 ** 20) == batching.GPU_MAX_BATCH
     assert batching.limit_from_memory(free=2 ** 20, per_image=2 ** 30) == 1
+    gpu = type("Pipe", (), {"device": torch.device("cuda", 0)})()
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (20 * 2 ** 30, 80 * 2 ** 30))
+    monkeypatch.setattr(batching, "memory_per_image", lambda pipe: 3 * 2 ** 30)
+    assert batching.batch_limit(gpu) == 4  # 0.7 x 20 / 3
+
+    def out_of_memory(pipe):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    monkeypatch.setattr(batching, "memory_per_image", out_of_memory)
+    assert batching.batch_limit(gpu) == 1
 
 
 # ---------------------------------------------------------------- giving up

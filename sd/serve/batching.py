@@ -111,8 +111,13 @@ def batch_limit(pipe) -> int:
     few images already share, and larger batches would only delay every answer in them."""
     if pipe.device.type != "cuda":
         return CPU_MAX_BATCH
+    try:
+        per_image = memory_per_image(pipe)
+    except torch.cuda.OutOfMemoryError:  # not even two images fit at the native size
+        return 1
+    torch.cuda.empty_cache()  # what the measurement left cached counts as free
     free, _ = torch.cuda.mem_get_info(pipe.device)
-    return limit_from_memory(free, memory_per_image(pipe))
+    return limit_from_memory(free, per_image)
 
 
 def limit_from_memory(free: int, per_image: int) -> int:
