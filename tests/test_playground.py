@@ -4,10 +4,11 @@ model standing in for the img2img and inpainting ids, and an API token.
 
 What a person does there: give the token once; generate from a prompt (the progress bar goes
 through every step, the image's own PNG metadata shows its seed); reuse an image's settings and
-seed; img2img from an uploaded picture (set by keyboard); inpaint with a mask painted by mouse
-strokes (the pixels outside it unchanged); cancel a running job; see a bad input's error as the
-server words it; use it on a phone-sized screen. Every test fails on any error in the browser's
-console, except the failed responses (401, 400, 409) the test itself provokes.
+seed, or the image itself as input; img2img from an uploaded picture (strength set by keyboard);
+drop a picture on the page; inpaint with a mask painted by mouse strokes (the pixels outside it
+unchanged); cancel a running job; see a bad input's error as the server words it; use it on a
+phone-sized screen. Every test fails on any error in the browser's console, except the failed
+responses (401, 400, 409) the test itself provokes.
 
 One browser and one server serve the whole module; every wait is on a state of the page. Screenshots
 go to test-artifacts/playground/ ($SD_TEST_ARTIFACTS), and with SD_PLAYGROUND_DOCS=1 the two the
@@ -279,6 +280,23 @@ def test_settings_and_seeds_are_reused(page):
     page.seed("last")
     assert page.el("seed").get_attribute("value") == str(again["seed"])
     assert page.generate()["seed"] == again["seed"]
+    page.results()[0].find_element("xpath", ".//button[text()='Use as input']").click()
+    page.wait(lambda: page.el("input-tools").is_displayed(), "the result as the input picture")
+    assert page.js("return document.getElementById('input-image').naturalWidth") == 64
+    assert page.text("mask-state").startswith("No mask painted")
+
+
+def test_a_picture_dropped_on_the_page(page, picture):
+    """Dropping a file (the drop event a browser fires, with the file in its DataTransfer) sets the input."""
+    page.js("""const [name, b64] = arguments;
+        const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+        const files = new DataTransfer();
+        files.items.add(new File([bytes], name, {type: 'image/png'}));
+        document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: files, bubbles: true}));""",
+            picture.name, base64.b64encode(picture.read_bytes()).decode())
+    page.wait(lambda: page.el("input-tools").is_displayed(), "the dropped picture shown")
+    assert page.el("width").get_attribute("value") == "64"
+    assert page.js("return document.getElementById('input-image').naturalWidth") == 64
 
 
 def test_img2img_from_an_uploaded_picture(page, picture):
