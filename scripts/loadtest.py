@@ -65,7 +65,8 @@ def images_of(body: dict) -> int:
     return body.get("n") or body.get("num_images") or 1
 
 
-def summarize(max_batch: str, concurrency: int, seconds: float, answers: list[tuple[float, int]], per_request: int) -> Run:
+def summarize(max_batch: str, concurrency: int, seconds: float, answers: list[tuple[float, int]],
+              per_request: int) -> Run:
     """answers: (latency, status) per request."""
     latencies = np.array([latency for latency, _ in answers]) if answers else np.zeros(1)
     ok = sum(status == 200 for _, status in answers)
@@ -173,14 +174,17 @@ def plot(runs: list[Run], path: Path, title: str):
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for max_batch in dict.fromkeys(r.max_batch for r in runs):
-        mine = [r for r in runs if r.max_batch == max_batch]
-        clients = [r.concurrency for r in mine]
-        left.plot(clients, [r.images_per_second for r in mine], marker="o", label=f"max batch {max_batch}")
-        right.plot(clients, [r.p50 for r in mine], marker="o", label=f"max batch {max_batch}, p50")
-        right.plot(clients, [r.p95 for r in mine], marker="x", linestyle="--", label=f"max batch {max_batch}, p95")
+        clients = sorted({r.concurrency for r in runs if r.max_batch == max_batch})
+        point = {c: [r for r in runs if (r.max_batch, r.concurrency) == (max_batch, c)] for c in clients}
+        median = {field: [float(np.median([getattr(r, field) for r in point[c]])) for c in clients]
+                  for field in ("images_per_second", "p50", "p95")}
+        left.plot(clients, median["images_per_second"], marker="o", label=f"max batch {max_batch}")
+        right.plot(clients, median["p50"], marker="o", label=f"max batch {max_batch}, p50")
+        right.plot(clients, median["p95"], marker="x", linestyle="--", label=f"max batch {max_batch}, p95")
     for axis, label in ((left, "images / s"), (right, "latency, s")):
         axis.set_xscale("log", base=2)
-        axis.set_xticks(sorted({r.concurrency for r in runs}), labels=[str(c) for c in sorted({r.concurrency for r in runs})])
+        ticks = sorted({r.concurrency for r in runs})
+        axis.set_xticks(ticks, labels=[str(c) for c in ticks])
         axis.set_xlabel("concurrent clients")
         axis.set_ylabel(label)
         axis.set_ylim(bottom=0)
@@ -192,13 +196,15 @@ def plot(runs: list[Run], path: Path, title: str):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     target = p.add_mutually_exclusive_group()
     target.add_argument("--url", help="a running server (default with neither: --serve with its defaults)")
     target.add_argument("--serve", metavar="ARGS", help="start `sd serve ARGS` here, once per --max-batch (default: "
                         f"the tiny model as the default model on the CPU: --device cpu --model ...={TINY.name})")
-    p.add_argument("--max-batch", nargs="+", default=["1", "auto"], help="with --serve: the values to compare "
-                   "(auto: the server's default; default: 1 auto)")
+    p.add_argument("--max-batch", nargs="+", default=["1", "auto"], help="with --serve: the values to compare, a "
+                   "server each, all up at once and their runs interleaved (auto: the server's default; default: "
+                   "1 auto)")
     p.add_argument("--threads", type=int, help="with --serve: the server's torch threads (OMP_NUM_THREADS; default: "
                    "torch's own, one per core)")
     p.add_argument("--route", default=DEFAULT_ROUTE, help=f"default {DEFAULT_ROUTE}")
@@ -207,6 +213,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--token", default=os.environ.get("SD_API_TOKEN"), help="sent as Authorization: Bearer")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--seconds", type=float, default=30.0, help="per load level (default 30)")
+    p.add_argument("--rounds", type=int, default=1, help="with --serve: sweeps over every setting (default 1); the "
+                   "plot shows each point's median")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a client waits for one answer")
     p.add_argument("--json", type=Path, help="write every run's numbers here")
     p.add_argument("--plot", type=Path, help="write the plot here (PNG)")
@@ -230,16 +238,22 @@ def main(argv: list[str] | None = None) -> int:
             ["--device", "cpu", "--model", f"@cf/runwayml/stable-diffusion-v1-5-img2img={TINY}"]
         logs = Path(tempfile.mkdtemp(prefix="sd-loadtest-"))
         print(f"# the servers' logs: {logs}", flush=True)
-        for max_batch in args.max_batch:
-            server = Server(serve_args, max_batch, logs / f"server-max-batch-{max_batch}.log", args.threads)
-            try:
+        # Every server up at once (an idle one costs no CPU), and their runs interleaved, so that the
+        # noise of a shared machine falls on each setting alike.
+        servers = {mb: Server(serve_args, mb, logs / f"server-max-batch-{mb}.log", args.threads)
+                   for mb in args.max_batch}
+        try:
+            for server in servers.values():
                 server.wait_ready()
                 warm_up(server.url + args.route, args.body, headers, args.timeout)
+            for _ in range(args.rounds):
                 for concurrency in args.concurrency:
-                    runs.append(asyncio.run(load(server.url + args.route, args.body, concurrency, args.seconds,
-                                                 headers, args.timeout, max_batch)))
-                    print(row(runs[-1]), flush=True)
-            finally:
+                    for max_batch, server in servers.items():
+                        runs.append(asyncio.run(load(server.url + args.route, args.body, concurrency, args.seconds,
+                                                     headers, args.timeout, max_batch)))
+                        print(row(runs[-1]), flush=True)
+        finally:
+            for server in servers.values():
                 server.stop()
     print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     if args.json:

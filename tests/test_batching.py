@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 pytest.register_assert_rewrite("server_fixtures", "worker_fixtures")
-from server_fixtures import InProcessServer, LogWatch, write_sd15, write_sdxl, wait_until  # noqa: E402
+from server_fixtures import InProcessServer, LogWatch, wait_until, write_sd15, write_sdxl  # noqa: E402
 from worker_fixtures import MODEL, Gate, echo_cache, model_cache, run_jobs, worker  # noqa: E402
 
 from sd.serve import batching  # noqa: E402
@@ -86,7 +86,8 @@ def test_batched_images_equal_each_job_alone(sd15):
     """Three jobs share one batch (one asks for two images, one for a random seed); two with negative
     prompts share another; other steps run alone. Every image is its job's own."""
     jobs = [job(seed=1), job("a blue square", seed=2, num_images=2), job("a green triangle"),
-            job(seed=3, negative_prompt="blurry"), job(seed=4, num_steps=4), job("yellow", seed=5, negative_prompt="dark")]
+            job(seed=3, negative_prompt="blurry"), job(seed=4, num_steps=4),
+            job("yellow", seed=5, negative_prompt="dark")]
     w = worker(sd15, max_batch=8)
     tickets, outcomes = run_jobs(w, jobs)
     assert w.metrics.batches == [4, 2, 1]

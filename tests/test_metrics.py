@@ -76,7 +76,8 @@ def test_metrics_count_what_happened(tmp_path):
     assert value(after, "sd_requests_total", route="-", status="404") == 1
     assert value(after, "sd_requests_total", route="/metrics", status="200") == 2  # the scrapes before this one
     # two batches: the held job alone, then the three queued behind it together
-    assert value(after, "sd_batch_size_count", device="cpu") == 2 and value(after, "sd_batch_size_sum", device="cpu") == 4
+    assert value(after, "sd_batch_size_count", device="cpu") == 2
+    assert value(after, "sd_batch_size_sum", device="cpu") == 4
     sizes = buckets(after, "sd_batch_size", device="cpu")
     assert (sizes["1.0"], sizes["2.0"], sizes["3.0"]) == (1, 1, 2)
     assert value(after, "sd_images_total", device="cpu") == 4

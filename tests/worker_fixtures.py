@@ -138,11 +138,11 @@ class AppServer:
 
     def __init__(self, service):
         import uvicorn
+        from server_fixtures import free_port, wait_until
 
         from sd.serve.app import create_app
         from sd.serve.cli import uvicorn_config
         from sd.serve.connections import ConnectionGuard
-        from server_fixtures import free_port, wait_until
         self.service, self.port = service, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         service.guard = ConnectionGuard(30.0, 128)
