@@ -1,9 +1,9 @@
-"""A grid of samplers x step counts for one prompt and seed: the picture to look at when
-trying a sampler. On the tiny shapes model, `--score N` also reads N prompts' pictures back
-(sd/shapes.py) and prints how often each sampler and step count drew what was asked.
+"""Grids of samplers x step counts and samplers x schedules for one prompt and seed: the pictures
+to look at when trying a sampler. On the tiny shapes model, `--score N` also reads N prompts'
+pictures back (sd/shapes.py) and prints how often each cell drew what was asked, as markdown tables.
 
-    python scripts/sampler_grid.py                                   # the tiny model, docs/tiny/sampler_grid.png
-    python scripts/sampler_grid.py --score 40                        # plus an accuracy table
+    python scripts/sampler_grid.py                  # the tiny model: docs/tiny/sampler_grid.png, ..._schedules.png
+    python scripts/sampler_grid.py --score 16       # plus the accuracy tables (README, "The tiny model")
     python scripts/sampler_grid.py --model weights/v1-5.safetensors --prompt "a fox" --scale 0.25
 """
 
@@ -19,6 +19,7 @@ from sd import shapes
 from sd.tiny import CHECKPOINT
 
 KEYS = ("colour", "background", "position", "shape")
+MAIN_SCHEDULES = ["default", "karras", "exponential", "beta", "sgm_uniform", "align_your_steps"]
 
 
 def parse_args():
@@ -28,68 +29,80 @@ def parse_args():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--guidance", type=float, help="default: the model's")
     p.add_argument("--samplers", nargs="+", default=list(sd.SAMPLERS), choices=sd.SAMPLERS)
-    p.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32])
-    p.add_argument("--scale", type=float, default=2.0, help="cell size relative to the picture (nearest-neighbour)")
+    p.add_argument("--steps", nargs="+", type=int, default=[1, 2, 4, 8, 16])
+    p.add_argument("--schedules", nargs="+", default=MAIN_SCHEDULES, choices=sd.SCHEDULES)
+    p.add_argument("--schedule-steps", type=int, default=8, help="the step count of the schedules grid")
+    p.add_argument("--scale", type=float, default=1.0, help="cell size relative to the picture (nearest-neighbour)")
     p.add_argument("--score", type=int, default=0, metavar="N",
                    help="also score each cell over N random shape prompts (tiny model only)")
-    p.add_argument("-o", "--output", type=Path, default=Path("docs/tiny/sampler_grid.png"))
+    p.add_argument("-o", "--output", type=Path, default=Path("docs/tiny/sampler_grid.png"),
+                   help="the steps grid; the schedules grid goes beside it, named ..._schedules.png")
     return p.parse_args()
 
 
-def score(pipe, sampler: str, steps: int, n: int, guidance) -> dict[str, float]:
+def score(pipe, n: int, **settings) -> dict[str, float]:
     """Share of n random scenes whose picture reads back as the prompt said, per attribute."""
     rng = np.random.default_rng(1)
     scenes = [shapes.random_scene(rng) for _ in range(n)]
     hits = {key: 0 for key in KEYS}
     for seed, scene in enumerate(scenes):
-        read = shapes.read_scene(pipe.generate(scene.caption(), seed=seed, sampler=sampler, num_steps=steps,
-                                               guidance=guidance))
+        read = shapes.read_scene(pipe.generate(scene.caption(), seed=seed, **settings))
         for key in KEYS:
             hits[key] += read[key] == getattr(scene, key)
     return {key: hits[key] / n for key in KEYS}
 
 
-def draw_grid(cells: dict[tuple[str, int], Image.Image], samplers, steps, title: str) -> Image.Image:
+def draw_grid(cells: dict[tuple[str, str], Image.Image], rows, columns, title: str) -> Image.Image:
     w, h = next(iter(cells.values())).size
-    left, top, gap = 110, 40, 4
-    grid = Image.new("RGB", (left + len(steps) * (w + gap), top + len(samplers) * (h + gap)), "white")
+    left, top, gap = 120, 40, 4
+    width = max(left + len(columns) * (w + gap), 8 * len(title))
+    grid = Image.new("RGB", (width, top + len(rows) * (h + gap)), "white")
     draw = ImageDraw.Draw(grid)
     draw.text((4, 4), title, fill="black")
-    for j, n in enumerate(steps):
-        draw.text((left + j * (w + gap) + 4, top - 14), f"{n} step{'s' if n > 1 else ''}", fill="black")
-    for i, name in enumerate(samplers):
-        draw.text((4, top + i * (h + gap) + h // 2 - 6), name, fill="black")
-        for j, n in enumerate(steps):
-            grid.paste(cells[name, n], (left + j * (w + gap), top + i * (h + gap)))
+    for j, column in enumerate(columns):
+        draw.text((left + j * (w + gap) + 2, top - 14), column, fill="black")
+    for i, row in enumerate(rows):
+        draw.text((4, top + i * (h + gap) + h // 2 - 6), row, fill="black")
+        for j, column in enumerate(columns):
+            grid.paste(cells[row, column], (left + j * (w + gap), top + i * (h + gap)))
     return grid
+
+
+def run_grid(pipe, args, columns: dict[str, dict], title: str, output: Path) -> None:
+    """One grid (samplers x columns, each column a dict of generate() settings) and its table."""
+    cells, table = {}, {}
+    start = time.time()
+    for name in args.samplers:
+        for column, settings in columns.items():
+            image = pipe.generate(args.prompt, seed=args.seed, sampler=name, guidance=args.guidance, **settings)
+            size = (max(1, round(image.width * args.scale)), max(1, round(image.height * args.scale)))
+            cells[name, column] = image.resize(size, Image.NEAREST)
+            if args.score:
+                table[name, column] = acc = score(pipe, args.score, sampler=name, guidance=args.guidance, **settings)
+                print(f"{name:>18} {column:>16}: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()), flush=True)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    draw_grid(cells, args.samplers, list(columns), title).save(output)
+    print(f"wrote {output} in {time.time() - start:.0f} s")
+    if table:
+        print(f"\n{title}; read back over {args.score} prompts (colour / background / position / shape):\n")
+        print("| sampler | " + " | ".join(columns) + " |")
+        print("|---|" + "---|" * len(columns))
+        for name in args.samplers:
+            print(f"| {name} | " + " | ".join(" / ".join(f"{table[name, c][k]:.0%}" for k in KEYS) for c in columns)
+                  + " |")
+        print()
 
 
 def main():
     args = parse_args()
     pipe = sd.load(args.model)
-    cells, table = {}, []
-    start = time.time()
-    for name in args.samplers:
-        for n in args.steps:
-            image = pipe.generate(args.prompt, seed=args.seed, sampler=name, num_steps=n, guidance=args.guidance)
-            size = (max(1, round(image.width * args.scale)), max(1, round(image.height * args.scale)))
-            cells[name, n] = image.resize(size, Image.NEAREST)
-            if args.score:
-                acc = score(pipe, name, n, args.score, args.guidance)
-                table.append((name, n, acc))
-                print(f"{name:>16} {n:>3} steps: " + ", ".join(f"{k} {v:.0%}" for k, v in acc.items()), flush=True)
     guidance = args.guidance if args.guidance is not None else pipe.defaults.guidance
-    grid = draw_grid(cells, args.samplers, args.steps, f'"{args.prompt}", seed {args.seed}, guidance {guidance}')
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    grid.save(args.output)
-    print(f"wrote {args.output} in {time.time() - start:.0f} s")
-    if table:
-        print(f"\nRead back over {args.score} prompts (colour / background / position / shape):\n")
-        print("| sampler | " + " | ".join(f"{n} step{'s' if n > 1 else ''}" for n in args.steps) + " |")
-        print("|---|" + "---|" * len(args.steps))
-        for name in args.samplers:
-            row = [" / ".join(f"{acc[k]:.0%}" for k in KEYS) for s, _, acc in table if s == name]
-            print(f"| {name} | " + " | ".join(row) + " |")
+    title = f'"{args.prompt}", seed {args.seed}, guidance {guidance}'
+    steps = {f"{n} step{'s' if n > 1 else ''}": dict(num_steps=n) for n in args.steps}
+    run_grid(pipe, args, steps, title, args.output)
+    schedules = {name: dict(num_steps=args.schedule_steps, schedule=name) for name in args.schedules}
+    run_grid(pipe, args, schedules, f"{title}, {args.schedule_steps} steps",
+             args.output.with_name(args.output.stem + "_schedules.png"))
 
 
 if __name__ == "__main__":

@@ -195,7 +195,7 @@ def lagrange_integrals(nodes: np.ndarray, start: float, end: float, log: bool = 
         u = np.log(nodes)
         others = np.delete(u, j)
         p = np.poly1d(others, r=True) / np.prod(u[j] - others)
-        terms = [p.deriv(m) * (-1) ** m if m else p for m in range(len(nodes))]
+        terms = [p.deriv(m) * (-1) ** m for m in range(len(nodes))]
         antiderivative = lambda s: 0.0 if s == 0 else s * sum(q(math.log(s)) for q in terms)  # noqa: E731
         out.append(float(antiderivative(end) - antiderivative(start)))
     return out
