@@ -58,6 +58,14 @@ def parse_args():
     p.add_argument("--cache", type=Path, default=Path(os.environ.get("SD_BENCH_CACHE",
                                                                       Path.home() / ".cache" / "sd-bench")))
     p.add_argument("--json", type=Path, help="also write the rows here")
+    p.add_argument("--peers", action="store_true",
+                   help="instead: sd, diffusers, stable-diffusion.cpp and OpenVINO (SD 1.5, CPU), each row in a "
+                        "fresh process (scripts/bench_peers.py), rounds interleaved, ratios to sd float32")
+    p.add_argument("--peers-python", type=Path,
+                   help="the Python of the peers' environment (default: CACHE/peers/bin/python; see docs/PERFORMANCE.md)")
+    p.add_argument("--caches", action="store_true",
+                   help="with --peers: sd's step cache at N = 2, 3, 5 and stable-diffusion.cpp's cache modes")
+    p.add_argument("--threads", type=int, default=os.cpu_count(), help="with --peers: threads for every library")
     return p.parse_args()
 
 
@@ -457,6 +465,69 @@ def peak_memory(fn, device) -> tuple[float, float]:
     return seconds, (peak - before) / 1e9
 
 
+# ---------------------------------------------------------------- peers: every library in its own process
+
+SD_CPP_CACHE_MODES = ("easycache", "ucache", "dbcache", "taylorseer")  # stable-diffusion.cpp's, at its defaults
+
+
+def peer_rows(args, path: Path, config_dir: Path, folder: Path) -> dict[str, list[str]]:
+    """(label -> bench_peers.py arguments) for --peers: each library in float32 and in its usual
+    fast mode on this CPU (sd and OpenVINO bfloat16 where the CPU has AMX, stable-diffusion.cpp
+    f16 and q8_0, OpenVINO int8 weights)."""
+    if not folder.is_dir():
+        print(f"writing {folder} (the same weights as a diffusers folder, for OpenVINO's export)", flush=True)
+        sd.save(sd.load(path, device="cpu"), folder, layout="diffusers")
+    common = ["--size", str(args.size), "--steps", str(args.steps), "--threads", str(args.threads)]
+    rows = {f"sd {m}": ["sd", "--mode", m, "--model", str(path)] for m in ("float32", "bfloat16")}
+    rows["diffusers float32"] = ["diffusers", "--mode", "float32", "--model", str(path), "--folder", str(config_dir)]
+    rows.update({f"sd.cpp {m}": ["sdcpp", "--mode", m, "--model", str(path)] for m in ("f32", "f16", "q8_0")})
+    rows.update({f"OpenVINO {m}": ["openvino", "--mode", m, "--folder", str(folder),
+                                   "--export", str(folder.with_name(f"{folder.name}-openvino-{m}"))]
+                 for m in ("f32", "bf16", "int8")})
+    if args.caches:
+        rows.update({f"sd float32, step cache {n}": ["sd", "--mode", "float32", "--model", str(path),
+                                                     "--step-cache", str(n)] for n in (2, 3, 5)})
+        rows.update({f"sd.cpp f32, cache {mode}": ["sdcpp", "--mode", "f32", "--model", str(path),
+                                                   "--cache-mode", mode] for mode in SD_CPP_CACHE_MODES})
+    return {label: argv + common for label, argv in rows.items()}
+
+
+def run_peers(args, path: Path, config_dir: Path, folder: Path):
+    """Every library in rounds: in each, one fresh process per row (load, warm-up, one timed
+    generate), so that a machine that slows down weighs on all alike; medians over rounds."""
+    script = Path(__file__).with_name("bench_peers.py")
+    peers_python = args.peers_python or args.cache / "peers" / "bin" / "python"
+    rows, results = peer_rows(args, path, config_dir, folder), {}
+    for round_ in range(args.repeats):
+        for label, argv in rows.items():
+            python = peers_python if argv[0] in ("sdcpp", "openvino") else Path(sys.executable)
+            print(f"round {round_ + 1}/{args.repeats}: {label}", flush=True)
+            done = subprocess.run([str(python), str(script), *argv, "--repeats", "1"], capture_output=True,
+                                  text=True, cwd=script.parent)
+            if done.returncode != 0:
+                print(f"  {label} failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+                continue
+            results.setdefault(label, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+    table = {label: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+             for label, runs in results.items()}
+    base = table.get("sd float32", {})
+    print(f"\nSD 1.5, {args.size}x{args.size}, {args.steps} Euler steps, CFG 7.5, {args.threads} threads, "
+          f"{cpu_name()}, median of {args.repeats} rounds\n")
+    keys = [("load", "load (s)"), ("step", "UNet step, CFG batch (s)"), ("decode", "VAE decode (s)"),
+            ("generate", "whole generate (s)"), ("peak_rss", "peak RSS (GB)")]
+    print("| library | " + " | ".join(name for _, name in keys) + " | " +
+          " | ".join(f"{name.split(' (')[0]} / sd" for _, name in keys) + " |")
+    print("|---" * (2 * len(keys) + 1) + "|")
+    for label, row in table.items():
+        scale = {"peak_rss": 1e9}
+        values = [f"{row[k] / scale.get(k, 1):.3g}" for k, _ in keys]
+        ratios = [f"{row[k] / base[k]:.2f}" if base.get(k) else "" for k, _ in keys]
+        print(f"| {label} | " + " | ".join(values) + " | " + " | ".join(ratios) + " |")
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": table,
+                                         "runs": results}, indent=1))
+
+
 def main():
     args = parse_args()
     device = torch.device(args.device)
@@ -471,6 +542,8 @@ def main():
         print(f"writing {path} (full-size random weights, once)", flush=True)
         write_checkpoint(args.model, path, DTYPES[args.file_dtype], arch, device)
     write_diffusers_configs(args.model, config_dir, arch)
+    if args.peers:
+        return run_peers(args, path, config_dir, args.cache / f"{name}-random-{file_dtype}-folder")
     file_bytes = path.stat().st_size
     dtype = DTYPES[args.dtype]
     libs = [Ours(path, device, dtype), Diffusers(path, device, dtype, args.model, config_dir)]
