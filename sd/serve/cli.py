@@ -99,6 +99,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--url-ttl", type=number(float, 0, 86400), default=DEFAULT_TTL,
                    help="seconds a picture answered as a URL (OpenAI's response_format url) is kept; 0: such "
                         f"requests are refused (default {DEFAULT_TTL:g})")
+    p.add_argument("--ray", action="store_true",
+                   help="serve through Ray Serve on a new local Ray: one replica per GPU, each with its own worker "
+                        "and batching (the ray extra; a cluster: docs/SCALING.md)")
+    p.add_argument("--replicas", type=number(int, 1, 1024), default=None,
+                   help="with --ray: how many replicas (default: one per GPU, else 1)")
     p.add_argument("--public-url", type=public_url, default=None, metavar="URL",
                    help="this server's address as clients reach it (https://host/prefix behind a proxy), for the "
                         "URLs of kept pictures (default: the Host each request names)")
@@ -163,12 +168,25 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         print(MISSING_EXTRA, file=sys.stderr)
         return 2
+    if args.replicas is not None and not args.ray:
+        return _fail("--replicas: only with --ray (without it, one process serves the --device list)")
+    if args.ray:
+        try:
+            from .ray_app import problem_under_ray, serve_on_local_ray
+        except ImportError as e:
+            if not (e.name or "").startswith("ray"):
+                raise
+            return _fail("--ray: needs the ray extra: pip install 'sd[ray]'")
+        if problem := problem_under_ray(args):
+            return _fail(problem)
     try:
         service = build_service(args)
     except StartupError as e:
         return _fail(str(e))
     _log_to_stderr()
     log_startup(service, args)
+    if args.ray:  # each replica builds its own Service from the same flags; this one only checked them
+        return serve_on_local_ray(args, sys.argv[1:] if argv is None else list(argv))
     return serve(uvicorn.Server(uvicorn_config(create_app(service), service.guard, args.host, args.port)), service)
 
 
