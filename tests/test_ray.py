@@ -264,6 +264,99 @@ def test_flags_that_ray_refuses(tmp_path, capsys):
         "--weights-dir", "/w", "--model", "A=a", "--model", "B=b", "--max-batch", "8"]
 
 
+class FakeReplica:
+    """What the Ingress calls, `replica.request.remote(scope, body)`: the given ASGI messages, then
+    the given exception (as Ray's streaming handle raises it)."""
+
+    def __init__(self, messages: list[dict], error: Exception | None = None):
+        self.messages, self.error, self.calls = messages, error, []
+        self.request = self
+
+    async def remote(self, scope, body):
+        self.calls.append((scope, body))
+        for message in self.messages:
+            yield message
+        if self.error is not None:
+            raise self.error
+
+
+def bare(deployment):
+    """An instance of a deployment's class with none of its constructor run, nor its destructor
+    (Ray awaits an `async def __del__`; Python's collector would only make the coroutine)."""
+    cls = type(f"Bare{deployment.name}", (deployment.func_or_class,), {"__del__": lambda self: None})
+    return cls.__new__(cls)
+
+
+def through_ingress(replica: FakeReplica, path: str, body: bytes = b"{}") -> list[dict]:
+    """One request through the Ingress's ASGI app, on no cluster: the messages its client gets."""
+    import asyncio
+    ingress = bare(ray_app.Ingress)
+    ingress.args, ingress.replica = ray_app.parse_flags(["--queue-size", "3"]), replica
+    incoming, sent = [{"type": "http.request", "body": body, "more_body": False}], []
+
+    async def receive():
+        return incoming.pop() if incoming else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+    scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "headers": [(b"content-length", str(len(body)).encode())], "ray.extra": object()}
+    asyncio.run(ingress.forward(scope, receive, send))
+    return sent
+
+
+def test_the_ingress_answers_for_a_replica_that_died_or_a_full_queue_in_the_dialect():
+    """The Ingress's own answers (on no cluster: a replica that stands in for Ray's handle): a
+    replica that died before answering is a 503 with Retry-After: 1, Ray's router queue over its
+    limit a 429, each in the envelope of the path's dialect; a replica's answer passes unchanged."""
+    import json
+
+    from ray.exceptions import ActorDiedError
+    from ray.serve.exceptions import BackPressureError
+    for path, message_of in [(f"/ai/run/{LCM}", lambda b: b["errors"][0]["message"]),
+                             ("/v1/images/generations", lambda b: b["error"]["message"]),
+                             ("/sdapi/v1/txt2img", lambda b: b["detail"])]:
+        for error, status, text in [(ActorDiedError(), 503, "the replica running this request stopped"),
+                                    (BackPressureError(3, 3), 429, "every replica is busy and 3 requests wait")]:
+            start, body = through_ingress(FakeReplica([], error), path)
+            assert start["status"] == status and (b"retry-after", b"1") in start["headers"], (path, start)
+            assert message_of(json.loads(body["body"])).startswith(text), (path, body)
+    answer = [{"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"image/png")]},
+              {"type": "http.response.body", "body": PNG_SIGNATURE, "more_body": False}]
+    replica = FakeReplica(answer)
+    assert through_ingress(replica, f"/ai/run/{LCM}", b'{"prompt": "x"}') == answer
+    ((scope, body),) = replica.calls
+    assert body == b'{"prompt": "x"}' and "ray.extra" not in scope and scope["path"] == f"/ai/run/{LCM}"
+    # once the answer has begun there is no other to give: the error cuts the connection
+    with pytest.raises(ActorDiedError):
+        through_ingress(FakeReplica(answer[:1], ActorDiedError()), f"/ai/run/{LCM}")
+
+
+def test_a_replica_tells_its_app_when_the_client_has_left():
+    """Replica.request, on no cluster: the app reads the body, answers in parts, then waits on
+    `receive()`; closing the stream (what Ray does when the client leaves) reaches it as
+    `http.disconnect`, and the app's task ends."""
+    import asyncio
+    heard = []
+
+    async def app(scope, receive, send):
+        heard.append(await receive())
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"step 1", "more_body": True})
+        heard.append(await receive())
+
+    async def run():
+        replica = bare(ray_app.Replica)
+        replica.app = app
+        stream = replica.request({"type": "http"}, b"the body")
+        got = [await stream.__anext__(), await stream.__anext__()]
+        await stream.aclose()
+        return got
+    got = asyncio.run(run())
+    assert [m["type"] for m in got] == ["http.response.start", "http.response.body"]
+    assert heard == [{"type": "http.request", "body": b"the body", "more_body": False}, {"type": "http.disconnect"}]
+
+
 # ---------------------------------------------------------------- SD_SLOW_TESTS=1
 
 
