@@ -173,14 +173,15 @@ def plot(runs: list[Run], path: Path, title: str):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    for max_batch in dict.fromkeys(r.max_batch for r in runs):
+    for k, max_batch in enumerate(dict.fromkeys(r.max_batch for r in runs)):
         clients = sorted({r.concurrency for r in runs if r.max_batch == max_batch})
         point = {c: [r for r in runs if (r.max_batch, r.concurrency) == (max_batch, c)] for c in clients}
         median = {field: [float(np.median([getattr(r, field) for r in point[c]])) for c in clients]
                   for field in ("images_per_second", "p50", "p95")}
-        left.plot(clients, median["images_per_second"], marker="o", label=f"max batch {max_batch}")
-        right.plot(clients, median["p50"], marker="o", label=f"max batch {max_batch}, p50")
-        right.plot(clients, median["p95"], marker="x", linestyle="--", label=f"max batch {max_batch}, p95")
+        color, name = f"C{k}", f"max batch {max_batch}"
+        left.plot(clients, median["images_per_second"], marker="o", color=color, label=name)
+        right.plot(clients, median["p50"], marker="o", color=color, label=f"{name}, p50")
+        right.plot(clients, median["p95"], marker="x", linestyle="--", color=color, label=f"{name}, p95")
     for axis, label in ((left, "images / s"), (right, "latency, s")):
         axis.set_xscale("log", base=2)
         ticks = sorted({r.concurrency for r in runs})
@@ -218,6 +219,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a client waits for one answer")
     p.add_argument("--json", type=Path, help="write every run's numbers here")
     p.add_argument("--plot", type=Path, help="write the plot here (PNG)")
+    p.add_argument("--from-json", type=Path, metavar="JSON", help="measure nothing: the table and plot of the "
+                   "runs --json wrote")
+    p.add_argument("--title", help="the plot's title (default: the route and the seconds per point)")
     return p
 
 
@@ -225,10 +229,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
     runs: list[Run] = []
-    print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs",
-          flush=True)
+    if not args.from_json:
+        print(f"# load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs",
+              flush=True)
     print(HEADER + "\n|---|---|---|---|---|---|---|---|", flush=True)
-    if args.url:
+    if args.from_json:
+        runs = [Run(**r) for r in json.loads(args.from_json.read_text())]
+        print("\n".join(map(row, runs)))
+    elif args.url:
         for concurrency in args.concurrency:
             runs.append(asyncio.run(load(args.url + args.route, args.body, concurrency, args.seconds, headers,
                                          args.timeout)))
@@ -255,11 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             for server in servers.values():
                 server.stop()
-    print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
+    if not args.from_json:
+        print(f"# load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in runs], indent=1))
     if args.plot:
-        plot(runs, args.plot, f"sd serve, {args.route}, {args.seconds:g} s per point")
+        plot(runs, args.plot, args.title or f"sd serve, {args.route}, {args.seconds:g} s per point (medians)")
     return 0
 
 
