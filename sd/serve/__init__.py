@@ -7,7 +7,10 @@
                     bodies, image_files.py keeps the pictures it answers as URLs
     cache.py        registry models loaded on first use and kept while they fit; cheap source checks
     speed.py        how long a job takes on this device (measured), and the refusal of hopeless jobs
-    worker.py       the bounded queue and the thread that runs the jobs, one at a time, stoppable
+    worker.py       one device's bounded queue and the thread that runs its jobs, compatible ones batched; stoppable
+    batching.py     which queued jobs share a UNet batch (never changing an answer), and how many images fit
+    router.py       several devices behind one worker's interface: a job goes to the one with least to do
+    metrics.py      GET /metrics in the Prometheus text format
     connections.py  slow clients: deadlines for headers and bodies, a cap on open connections
     app.py          the Starlette app: routes, handlers, the exception -> status table, the access log
     cli.py          `sd serve`: flags, startup checks, uvicorn, SIGTERM
