@@ -239,7 +239,7 @@ def test_sd_serve_needs_no_ray(tmp_path):
     """Ray is imported by sd/serve/ray_app.py alone: every other module of the service layer loads
     without it, and `--ray` without the extra says what to install."""
     modules = sorted(f"sd.serve.{p.stem}" for p in (REPO / "sd" / "serve").glob("*.py")
-                     if p.stem not in ("ray_app", "__main__"))
+                     if p.stem not in ("ray_app", "__main__", "__init__"))
     code = ("import sys\nsys.modules['ray'] = None  # as if not installed: `import ray` fails\n"
             f"import {', '.join(modules)}\n"
             f"status = sd.serve.cli.main(['--weights-dir', {str(tmp_path)!r}, '--ray'])\n"
