@@ -14,6 +14,8 @@
     connections.py  slow clients: deadlines for headers and bodies, a cap on open connections
     app.py          the Starlette app: routes, handlers, the exception -> status table, the access log
     cli.py          `sd serve`: flags, startup checks, uvicorn, SIGTERM
+    ray_app.py      the same app past one machine, on Ray Serve: a replica per GPU (`sd serve --ray`,
+                    deploy/ray/serve.yaml; the ray extra, imported by nothing else)
 
 Another dialect (OpenAI Images, AUTOMATIC1111) is one more module like workers_ai.py plus its
 routes in app.py; queueing, limits, auth, logging and cancellation are shared.
