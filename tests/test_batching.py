@@ -158,9 +158,10 @@ def test_the_oldest_job_runs_first_and_compatible_ones_join_it_up_to_max_batch(t
     batches = []
     w.listeners.append(lambda t: batches.append(tuple(x.job.kwargs["prompt"] for x in w.running_batch))
                        if t.state == "running" and t.step == 0 and t is w.running else None)
-    _, outcomes = run_jobs(w, jobs)
+    tickets, outcomes = run_jobs(w, jobs)
     # a (1) + b (2) > 2: b waits; c joins a. Then b alone (full), d (other steps) alone, then e + f.
     assert batches == [("a", "c"), ("b",), ("d",), ("e", "f")]
+    assert outcomes[3].pictures[0].settings["seed"] == tickets[3].share.seeds[0]  # alone, with the seed it was given
     assert [[p.settings["prompt"] for p in r.pictures] for r in outcomes] == [["a"], ["b", "b"], ["c"], ["d"], ["e"],
                                                                               ["f"]]
 

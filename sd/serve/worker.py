@@ -284,9 +284,11 @@ class Worker:
         """One generate call for the tickets (one UNet batch); their outcomes, in order. A batch
         the device has no memory for runs again in halves, and the model's limit comes down."""
         alone = len(tickets) == 1
-        shares = None if alone else [t.share for t in tickets]
-        kwargs = tickets[0].job.kwargs if alone else batching.batch_kwargs(shares, tickets[0].job.kwargs)
-        rows = [slice(None)] if alone else batching.rows(shares)
+        # A planned job runs by its plan even alone, so that the seeds it was given are the ones used.
+        shares = [t.share for t in tickets]
+        planned = all(isinstance(share, batching.Share) for share in shares)  # always, for several jobs
+        kwargs = batching.batch_kwargs(shares, tickets[0].job.kwargs) if planned else tickets[0].job.kwargs
+        rows = batching.rows(shares) if planned else [slice(None)]
         began = last = time.perf_counter()
 
         def between_steps(step):
