@@ -213,7 +213,8 @@ def build_service(args: argparse.Namespace) -> Service:
         raise StartupError(problems[0] + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
     names = unique_names([str(c.device) for c in caches])
     speeds = Speeds(args.timeout or None, ",".join(names))
-    workers = [Worker(c, speeds, args.queue_size, max_batch=args.max_batch, name=name) for c, name in zip(caches, names)]
+    workers = [Worker(c, speeds, args.queue_size, max_batch=args.max_batch, name=name)
+               for c, name in zip(caches, names)]
     token = args.api_token if args.api_token is not None else os.environ.get("SD_API_TOKEN") or None
     return Service(cache, workers[0] if len(workers) == 1 else Workers(workers), speeds, api_token=token,
                    max_body=int(args.max_body_mb * 2 ** 20), read_timeout=args.read_timeout,
