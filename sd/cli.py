@@ -84,14 +84,18 @@ def output_paths(output: str, count: int) -> list[Path]:
     for path in paths:
         if path.exists() and not path.is_file():
             raise CLIError(f"-o: {path}: exists and is not a regular file")
-    folder = out.parent
+    writable_folder(out.parent, f"-o: {output}")
+    return paths
+
+
+def writable_folder(folder: Path, what: str):
+    """Make `folder` now (so a slow job doesn't fail at its very end) and check it can be written."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise CLIError(f"-o: {output}: cannot create its folder ({e.strerror})") from None
+        raise CLIError(f"{what}: cannot create {folder} ({e.strerror})") from None
     if not os.access(folder, os.W_OK):
-        raise CLIError(f"-o: {output}: its folder {folder} is not writable")
-    return paths
+        raise CLIError(f"{what}: {folder} is not writable")
 
 
 def check_device(name: str | None) -> str | None:
@@ -223,13 +227,7 @@ def convert_destination(source: Path, output: str, layout: str) -> Path:
         raise CLIError("OUT" + str(e).removeprefix("path")) from None
     if out.resolve() == source.resolve():
         raise CLIError(f"OUT: {output} is the SOURCE itself")
-    folder = out if layout == "diffusers" else out.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise CLIError(f"OUT: {output}: cannot create {folder} ({e.strerror})") from None
-    if not os.access(folder, os.W_OK):
-        raise CLIError(f"OUT: {output}: {folder} is not writable")
+    writable_folder(out if layout == "diffusers" else out.parent, f"OUT: {output}")
     return out
 
 

@@ -177,7 +177,7 @@ def test_a_prompt_that_is_not_utf8_is_one_line(tiny_checkpoint, tmp_path):
     ("{tmp}", "-o: {tmp}: needs a picture file extension"),
     ("{tmp}/noextension", "-o: {tmp}/noextension: needs a picture file extension"),
     ("{tmp}/adir.png", "-o: {tmp}/adir.png: exists and is not a regular file"),
-    ("/dev/full.png", "-o: /dev/full.png: its folder /dev is not writable"),
+    ("/dev/full.png", "-o: /dev/full.png: /dev is not writable"),
 ])
 def test_the_output_path_is_checked_before_loading(tiny_checkpoint, tmp_path, capsys, output, message):
     (tmp_path / "adir.png").mkdir()
