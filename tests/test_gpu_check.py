@@ -71,6 +71,23 @@ def test_float32_bar_is_the_suite_s():
     assert gpu_check.PARITY["float32"].max == PIXEL_TOL
 
 
+def test_diffusers_draws_in_float32_inside_the_check():
+    """The device's torch draws another sequence in float16 than in float32 (docs/PERFORMANCE.md,
+    GPU): inside noise_in_float32 every diffusers binding draws float32 and casts, so its noise
+    is sd's whatever the build; outside, the original is back."""
+    import torch
+    from diffusers.schedulers import scheduling_euler_ancestral_discrete as euler_a
+    from diffusers.utils import torch_utils
+    original = torch_utils.randn_tensor
+    float32 = torch.randn(2, 3, generator=torch.Generator().manual_seed(5))
+    with gpu_check.noise_in_float32():
+        assert euler_a.randn_tensor is not original
+        drawn = euler_a.randn_tensor((2, 3), generator=torch.Generator().manual_seed(5), dtype=torch.float16)
+    assert drawn.dtype == torch.float16 and torch.equal(drawn, float32.half())
+    assert euler_a.randn_tensor is original and torch_utils.randn_tensor is original
+    assert set(gpu_check.half_draws()) == {"float16", "bfloat16"}
+
+
 def test_float16_sdxl_vae_check_passes_and_has_teeth(results):
     check = results["parity"]["sdxl_vae_float16"]
     assert "error" not in check, check.get("error")
