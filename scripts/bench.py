@@ -64,7 +64,8 @@ def parse_args():
     p.add_argument("--peers-python", type=Path,
                    help="the Python of the peers' environment (default: CACHE/peers/bin/python; see docs/PERFORMANCE.md)")
     p.add_argument("--caches", action="store_true",
-                   help="with --peers: sd's step cache at N = 2, 3, 5 and stable-diffusion.cpp's cache modes")
+                   help="with --peers, instead: sd's step cache at N = 2, 3, 5 and stable-diffusion.cpp's cache modes "
+                        "at their defaults, next to both uncached (float32)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="with --peers: threads for every library")
     return p.parse_args()
 
@@ -484,7 +485,8 @@ def peer_rows(args, path: Path, config_dir: Path, folder: Path) -> dict[str, lis
     rows.update({f"OpenVINO {m}": ["openvino", "--mode", m, "--folder", str(folder),
                                    "--export", str(folder.with_name(f"{folder.name}-openvino-{m}"))]
                  for m in ("f32", "bf16", "int8")})
-    if args.caches:
+    if args.caches:  # step caches against the same libraries uncached, in float32
+        rows = {label: rows[label] for label in ("sd float32", "sd.cpp f32")}
         rows.update({f"sd float32, step cache {n}": ["sd", "--mode", "float32", "--model", str(path),
                                                      "--step-cache", str(n)] for n in (2, 3, 5)})
         rows.update({f"sd.cpp f32, cache {mode}": ["sdcpp", "--mode", "f32", "--model", str(path),

@@ -5,6 +5,7 @@ pictures back (sd/shapes.py) and prints how often each cell drew what was asked,
     python scripts/sampler_grid.py                  # the tiny model: docs/tiny/sampler_grid.png, ..._schedules.png
     python scripts/sampler_grid.py --score 16       # plus the accuracy tables (README, "The tiny model")
     python scripts/sampler_grid.py --model weights/v1-5.safetensors --prompt "a fox" --scale 0.25
+    python scripts/sampler_grid.py --step-caches 2 3 5 --score 16   # step caching: ..._step_cache.png, its table
 """
 
 import argparse
@@ -35,21 +36,48 @@ def parse_args():
     p.add_argument("--scale", type=float, default=1.0, help="cell size relative to the picture (nearest-neighbour)")
     p.add_argument("--score", type=int, default=0, metavar="N",
                    help="also score each cell over N random shape prompts (tiny model only)")
+    p.add_argument("--step-caches", nargs="+", type=int, metavar="N",
+                   help="instead: samplers x these DeepCache intervals (and off) at --cache-steps, with the read-back "
+                        "accuracy and the pixel difference to the uncached picture (generate's step_cache)")
+    p.add_argument("--cache-steps", type=int, default=20, help="the step count of the step-cache grid")
     p.add_argument("-o", "--output", type=Path, default=Path("docs/tiny/sampler_grid.png"),
                    help="the steps grid; the schedules grid goes beside it, named ..._schedules.png")
     return p.parse_args()
 
 
-def score(pipe, n: int, **settings) -> dict[str, float]:
-    """Share of n random scenes whose picture reads back as the prompt said, per attribute."""
+def score(pipe, n: int, pictures: list | None = None, **settings) -> dict[str, float]:
+    """Share of n random scenes whose picture reads back as the prompt said, per attribute; the
+    pictures are appended to `pictures` when given."""
     rng = np.random.default_rng(1)
     scenes = [shapes.random_scene(rng) for _ in range(n)]
     hits = {key: 0 for key in KEYS}
     for seed, scene in enumerate(scenes):
-        read = shapes.read_scene(pipe.generate(scene.caption(), seed=seed, **settings))
+        picture = pipe.generate(scene.caption(), seed=seed, **settings)
+        if pictures is not None:
+            pictures.append(np.asarray(picture, dtype=np.float64))
+        read = shapes.read_scene(picture)
         for key in KEYS:
             hits[key] += read[key] == getattr(scene, key)
     return {key: hits[key] / n for key in KEYS}
+
+
+def cache_table(pipe, args, guidance):
+    """Step caching's price: per sampler and interval, the read-back accuracy over --score prompts
+    and the mean / largest pixel difference (of 255) from the same prompts and seeds uncached."""
+    print(f"\nstep cache (DeepCache, depth 2) at {args.cache_steps} steps, read back over {args.score} prompts "
+          "(colour / background / position / shape), and |cached - uncached| mean / max:\n")
+    print("| sampler | off | " + " | ".join(f"N = {n}" for n in args.step_caches) + " |")
+    print("|---|---|" + "---|" * len(args.step_caches))
+    for name in args.samplers:
+        settings = dict(sampler=name, guidance=guidance, num_steps=args.cache_steps)
+        plain = []
+        cells = [" / ".join(f"{v:.0%}" for v in score(pipe, args.score, plain, **settings).values())]
+        for n in args.step_caches:
+            cached = []
+            acc = score(pipe, args.score, cached, step_cache=n, **settings)
+            diff = np.abs(np.stack(cached) - np.stack(plain))
+            cells.append(" / ".join(f"{v:.0%}" for v in acc.values()) + f"; {diff.mean():.1f} / {diff.max():.0f}")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
 
 
 def draw_grid(cells: dict[tuple[str, str], Image.Image], rows, columns, title: str) -> Image.Image:
@@ -98,6 +126,16 @@ def main():
     pipe = sd.load(args.model)
     guidance = args.guidance if args.guidance is not None else pipe.defaults.guidance
     title = f'"{args.prompt}", seed {args.seed}, guidance {guidance}'
+    if args.step_caches:
+        columns = {"off": dict(num_steps=args.cache_steps)}
+        columns.update({f"N = {n}": dict(num_steps=args.cache_steps, step_cache=n) for n in args.step_caches})
+        score_n, args.score = args.score, 0  # the grid's own cells unscored: cache_table scores with diffs
+        run_grid(pipe, args, columns, f"{title}, {args.cache_steps} steps, step cache",
+                 args.output.with_name(args.output.stem + "_step_cache.png"))
+        args.score = score_n
+        if args.score:
+            cache_table(pipe, args, guidance)
+        return
     steps = {f"{n} step{'s' if n > 1 else ''}": dict(num_steps=n) for n in args.steps}
     run_grid(pipe, args, steps, title, args.output)
     schedules = {name: dict(num_steps=args.schedule_steps, schedule=name) for name in args.schedules}
