@@ -500,6 +500,10 @@ def run_peers(args, path: Path, config_dir: Path, folder: Path):
     script = Path(__file__).with_name("bench_peers.py")
     peers_python = args.peers_python or args.cache / "peers" / "bin" / "python"
     rows, results = peer_rows(args, path, config_dir, folder), {}
+    if not peers_python.is_file():
+        print(f"no peers' environment at {peers_python} (docs/PERFORMANCE.md says how to make it): "
+              "stable-diffusion.cpp and OpenVINO rows left out", flush=True)
+        rows = {label: argv for label, argv in rows.items() if argv[0] not in ("sdcpp", "openvino")}
     for round_ in range(args.repeats):
         for label, argv in rows.items():
             python = peers_python if argv[0] in ("sdcpp", "openvino") else Path(sys.executable)
