@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import lone_surrogate
 from .images import read_image
 from .lora import parse_lora_flag
 from .pngmeta import png_metadata
@@ -141,7 +142,7 @@ def generation_arguments(args) -> dict:
     from .request import check
     for name in ("prompt", "negative_prompt"):
         text = getattr(args, name)
-        if text is not None and not _is_text(text):
+        if text is not None and lone_surrogate(text) is not None:
             raise CLIError(f"{FLAGS[name]}: is not valid UTF-8 text (check the shell's encoding)")
     kwargs = dict(prompt=args.prompt, negative_prompt=args.negative_prompt, num_images=args.num_images,
                   width=args.width, height=args.height, num_steps=args.steps, guidance=args.guidance, seed=args.seed,
@@ -152,14 +153,6 @@ def generation_arguments(args) -> dict:
     check(Defaults(), multiple=8, sdxl=False, has_image=args.image is not None, has_mask=args.mask is not None,
           **kwargs)
     return kwargs
-
-
-def _is_text(text: str) -> bool:
-    try:
-        text.encode("utf-8")  # bytes that were not UTF-8 reach Python as lone surrogates
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def load_pipeline(args, model: str, loras: list):

@@ -52,6 +52,7 @@ import threading
 import time
 import weakref
 
+from ..errors import lone_surrogate
 from ..registry import DEFAULT_MODEL, REGISTRY
 from . import a1111_names as names
 from .jobs import GenerationJob, GenerationResult, Reply, RequestError
@@ -342,7 +343,7 @@ class Generation:
                 rule = f"{what} in [{lo}, {hi}]" if lo is not None else what
                 errors.append(f"{name}: must be {rule}, got {shown(value)}")
                 continue
-            if kind == "str" and not _unicode(value):
+            if kind == "str" and lone_surrogate(value) is not None:
                 errors.append(f"{name}: must be valid Unicode text (it holds a lone surrogate)")
                 continue
             off, why = NOT_SERVED.get(name, (None, None))
@@ -515,14 +516,6 @@ def _near_miss(name: str, fields: dict) -> str | None:
         return folded[name.lower()]
     close = difflib.get_close_matches(name, fields, n=1, cutoff=0.85)
     return close[0] if close else None
-
-
-def _unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")  # JSON may escape a lone surrogate ("\ud800"), which no tokenizer takes
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def prompt_problems(name: str, text: str) -> list[str]:

@@ -40,6 +40,7 @@ import uuid
 from typing import NamedTuple
 
 from ..defaults import Defaults
+from ..errors import lone_surrogate
 from ..registry import REGISTRY
 from .jobs import GenerationJob, GenerationResult, Reply, RequestError
 from .progress import KEEP_FINISHED, Followed, Tracker
@@ -121,7 +122,7 @@ def to_job(body: bytes, defaults_of=lambda model: Defaults()) -> GenerationJob:
     errors += [f"{name}: {FIELDS[name].rule}, got {shown(v)}" for name, v in data.items()
                if name in FIELDS and not FIELDS[name].ok(v)]
     for name in ("prompt", "negative_prompt"):
-        if isinstance(data.get(name), str) and not _is_unicode(data[name]):
+        if isinstance(data.get(name), str) and lone_surrogate(data[name]) is not None:
             errors.append(f"{name}: must be valid Unicode text (it holds a lone surrogate)")
     pictures = {}
     for name in PICTURES:
@@ -139,14 +140,6 @@ def to_job(body: bytes, defaults_of=lambda model: Defaults()) -> GenerationJob:
     if "image" in pictures:
         kwargs.update(_sides_of(pictures["image"][1], kwargs))
     return GenerationJob(data["model"], kwargs)
-
-
-def _is_unicode(text: str) -> bool:
-    try:
-        text.encode("utf-8")  # JSON may escape a lone surrogate ("\ud800"), which no tokenizer takes
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _decoded(value: str, name: str) -> tuple[bytes, tuple[int, int]]:

@@ -58,6 +58,7 @@ import re
 import time
 from urllib.parse import urlsplit
 
+from ..errors import lone_surrogate
 from ..registry import REGISTRY
 from . import multipart
 from .image_files import ImageFiles
@@ -85,10 +86,9 @@ def _text(lo: int = 0, hi: int = MAX_PROMPT):
     def check(v):
         if not isinstance(v, str) or not lo <= len(v) <= hi:
             raise Invalid(f"must be a string of {lo} to {hi} characters, got {shown(v)}")
-        try:
-            v.encode("utf-8")  # JSON may escape a lone surrogate, which no tokenizer takes
-        except UnicodeEncodeError as e:
-            raise Invalid(f"must be valid Unicode text, got a lone surrogate at index {e.start}") from None
+        at = lone_surrogate(v)
+        if at is not None:
+            raise Invalid(f"must be valid Unicode text, got a lone surrogate at index {at}")
         return v
     return check
 

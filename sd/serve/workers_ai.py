@@ -54,6 +54,7 @@ import io
 import json
 import math
 
+from ..errors import lone_surrogate
 from ..registry import ModelSpec
 from .jobs import GenerationJob, GenerationResult, Reply, RequestError
 
@@ -210,12 +211,10 @@ def image_size(data: bytes, name: str) -> tuple[int, int]:
 
 
 def _text_ok(name: str, text: str, errors: list[str]) -> bool:
-    try:
-        text.encode("utf-8")  # JSON may escape a lone surrogate ("\\ud800"), which no tokenizer takes
-    except UnicodeEncodeError as e:
-        errors.append(f"{name}: must be valid Unicode text, got a lone surrogate at index {e.start}")
-        return False
-    return True
+    at = lone_surrogate(text)
+    if at is not None:
+        errors.append(f"{name}: must be valid Unicode text, got a lone surrogate at index {at}")
+    return at is None
 
 
 def _fields(data: dict, errors: list[str]) -> dict:
