@@ -42,7 +42,6 @@ api_middleware's), with the server's statuses (400 bad input, 401, 404, 413, 422
 """
 
 import base64
-import binascii
 import difflib
 import io
 import json
@@ -56,7 +55,7 @@ from ..errors import lone_surrogate
 from ..registry import DEFAULT_MODEL, REGISTRY
 from . import a1111_names as names
 from .jobs import GenerationJob, GenerationResult, Reply, RequestError
-from .workers_ai import image_size, parse_json, shown
+from .workers_ai import base64_bytes, image_size, parse_json, shown
 
 JSON = "application/json"
 MIN_SIDE, MAX_SIDE = 64, 2048
@@ -556,14 +555,7 @@ def _picture(value, name: str, errors: list[str]) -> tuple[bytes, tuple[int, int
             errors.append(f"{rule}; a data: URL must end its header with ;base64,")
             return None
     try:
-        data = base64.b64decode("".join(value.split()), validate=True)
-    except (binascii.Error, ValueError) as e:
-        errors.append(f"{name}: not valid base64 ({e})")
-        return None
-    if not data:
-        errors.append(f"{name}: decodes to no bytes")
-        return None
-    try:
+        data = base64_bytes(value, name)
         return data, image_size(data, name)
     except RequestError as e:
         errors.extend(e.messages)

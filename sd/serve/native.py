@@ -29,7 +29,6 @@ weights missing or shutting down, 504 past --timeout.
 """
 
 import base64
-import binascii
 import dataclasses
 import inspect
 import json
@@ -44,7 +43,7 @@ from ..errors import lone_surrogate
 from ..registry import REGISTRY
 from .jobs import GenerationJob, GenerationResult, Reply, RequestError
 from .progress import KEEP_FINISHED, Followed, Tracker
-from .workers_ai import image_size, parse_json, shown
+from .workers_ai import base64_bytes, image_size, parse_json, shown
 
 JSON = "application/json"
 MAX_SIDE = 4096
@@ -147,12 +146,7 @@ def _decoded(value: str, name: str) -> tuple[bytes, tuple[int, int]]:
     client's 400 and not the worker's 500 (the worker decodes it again: bytes queue smaller)."""
     if value.startswith("data:") and ";base64," in value[:100]:
         value = value.split(";base64,", 1)[1]
-    try:
-        data = base64.b64decode("".join(value.split()), validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise RequestError(400, f"{name}: not valid base64 ({e})") from None
-    if not data:
-        raise RequestError(400, f"{name}: decodes to no bytes")
+    data = base64_bytes(value, name)
     return data, image_size(data, name)  # at most 8192 x 8192
 
 

@@ -176,13 +176,21 @@ def _b64_bytes(value, errors: list[str]) -> bytes | None:
     if value.startswith("data:") and ";base64," in value[:100]:
         value = value.split(";base64,", 1)[1]
     try:
+        return base64_bytes(value, "image_b64")
+    except RequestError as e:
+        errors.extend(e.messages)
+        return None
+
+
+def base64_bytes(value: str, name: str) -> bytes:
+    """A base64 field's bytes, whitespace and line breaks ignored; a 400 naming the field when it
+    is not base64 or decodes to nothing."""
+    try:
         data = base64.b64decode("".join(value.split()), validate=True)
     except (binascii.Error, ValueError) as e:
-        errors.append(f"image_b64: not valid base64 ({e})")
-        return None
+        raise RequestError(400, f"{name}: not valid base64 ({e})") from None
     if not data:
-        errors.append("image_b64: decodes to no bytes")
-        return None
+        raise RequestError(400, f"{name}: decodes to no bytes")
     return data
 
 
