@@ -406,7 +406,6 @@ def vae_pair(cfg, seed=0, logvar_shift=0.0):
     convert_ldm_vae_checkpoint), its norms checked to match ours."""
     from diffusers import AutoencoderKL as DiffusersAutoencoderKL
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    from diffusers.models.attention_processor import AttnProcessor
 
     torch.manual_seed(seed)
     ours = randomize_params(sd_vae.AutoencoderKL(cfg), seed=seed).eval()
@@ -414,11 +413,20 @@ def vae_pair(cfg, seed=0, logvar_shift=0.0):
         with torch.no_grad():
             ours.quant_conv.bias[cfg.latent_channels:] += logvar_shift
     config = diffusers_vae_config(cfg)
-    ref = DiffusersAutoencoderKL(**config).eval()
-    ref.set_attn_processor(AttnProcessor())  # the plain (non-SDPA) attention path
+    return ours, with_our_weights(DiffusersAutoencoderKL(**config), ours, convert_ldm_vae_checkpoint,
+                                  "first_stage_model.", config)
+
+
+def with_our_weights(ref, ours, convert, prefix: str, config: dict):
+    """diffusers' model `ref`, on its plain (non-SDPA) attention path, holding `ours`' weights as
+    diffusers' own single-file converter `convert` reads them under the official `prefix`: every
+    tensor converted once, every norm matching ours."""
+    from diffusers.models.attention_processor import AttnProcessor
+    ref = ref.eval()
+    ref.set_attn_processor(AttnProcessor())
     sd = ours.state_dict()
-    converted = convert_ldm_vae_checkpoint({"first_stage_model." + k: v for k, v in sd.items()}, config)
+    converted = convert({prefix + k: v for k, v in sd.items()}, config)
     assert len(converted) == len(sd), "the converter dropped or duplicated some of our tensors"
     ref.load_state_dict(converted, strict=True)
     assert_same_norms(ours, ref, converted)
-    return ours, ref
+    return ref

@@ -13,9 +13,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-from diffusers.models.attention_processor import AttnProcessor
 
-from helpers import assert_close_scaled, assert_same_norms, randomize_params
+from helpers import assert_close_scaled, randomize_params, with_our_weights
 from sd.unet import UNet, UNetConfig, timestep_embedding
 
 REL = 1e-4  # fp32, relative to max |ref|
@@ -90,15 +89,9 @@ def build(cfg: UNetConfig, seed=0):
     torch.manual_seed(seed)
     ours = randomize_params(UNet(cfg), seed=seed).eval()
     config = diffusers_config(cfg)
-    ref = UNet2DConditionModel(**config).eval()
-    ref.set_attn_processor(AttnProcessor())  # the plain (non-SDPA) attention path
-    sd = ours.state_dict()
-    converted = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in sd.items()}, config)
-    assert len(converted) == len(sd), "the converter dropped or duplicated some of our tensors"
-    ref.load_state_dict(converted, strict=True)
-    assert_same_norms(ours, ref, converted)
-    _CACHE[key] = ours, ref
-    return ours, ref
+    _CACHE[key] = ours, with_our_weights(UNet2DConditionModel(**config), ours, convert_ldm_unet_checkpoint,
+                                         "model.diffusion_model.", config)
+    return _CACHE[key]
 
 
 def inputs(cfg, h, w, t, batch=2, seed=1):
