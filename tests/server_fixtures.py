@@ -12,6 +12,7 @@ UNet's lowest level.
 import io
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -238,6 +239,18 @@ class LogWatch(logging.Handler):
 
     def detach(self):  # not close(): logging.config (uvicorn's) closes every handler it finds
         logging.getLogger("sd.serve").removeHandler(self)
+
+
+def docs_curl(url: str, model: str, out: Path, timeout: float):
+    """Cloudflare's docs example for the Workers AI text-to-image API, with only the host (`url`)
+    and the model changed, run by the real curl; the answer's body is written to `out`. curl -d
+    sends the form content type; the body is JSON all the same."""
+    if shutil.which("curl") is None:
+        pytest.skip("curl not installed")
+    command = (f'curl -s {url}/client/v4/accounts/$CLOUDFLARE_ACCOUNT_ID/ai/run/{model} -X POST '
+               f'-H "Authorization: Bearer $CLOUDFLARE_API_TOKEN" -d \'{{ "prompt": "cyberpunk cat" }}\' > {out}')
+    env = {**os.environ, "CLOUDFLARE_ACCOUNT_ID": "0123abcd", "CLOUDFLARE_API_TOKEN": TOKEN}
+    subprocess.run(command, shell=True, check=True, env=env, timeout=timeout)
 
 
 def wait_until(condition, what: str, seconds: float = 60):

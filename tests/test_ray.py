@@ -13,7 +13,6 @@ import base64
 import contextlib
 import io
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,7 +30,7 @@ from sd.serve import cli, ray_app
 
 pytest.register_assert_rewrite("server_fixtures")  # before the import below, which the plugin line then reuses
 from server_fixtures import (IMG2IMG, LCM, LIGHTNING, PNG_SIGNATURE, REPO, SDXL, TOKEN, ServerProcess,  # noqa: E402
-                             decode, free_port, wait_until)
+                             decode, docs_curl, free_port, wait_until)
 
 pytest_plugins = ["server_fixtures"]
 
@@ -185,13 +184,8 @@ def test_serve_run_takes_the_config(tiny_models, tmp_path):
 def test_the_workers_ai_docs_curl_call_through_ray(ray_server, tmp_path):
     """The README's curl call (Cloudflare's docs example: the host changed, and the LCM model, whose
     default 512x512 in few steps is quicker on a CPU than SDXL's 1024x1024), to Ray's proxy."""
-    if shutil.which("curl") is None:
-        pytest.skip("curl not installed")
     out = tmp_path / "cat.png"
-    command = (f'curl -s {ray_server.url}/client/v4/accounts/$CLOUDFLARE_ACCOUNT_ID/ai/run/{LCM} -X POST '
-               f'-H "Authorization: Bearer $CLOUDFLARE_API_TOKEN" -d \'{{ "prompt": "cyberpunk cat" }}\' > {out}')
-    env = {**os.environ, "CLOUDFLARE_ACCOUNT_ID": "0123abcd", "CLOUDFLARE_API_TOKEN": TOKEN}
-    subprocess.run(command, shell=True, check=True, env=env, timeout=300)
+    docs_curl(ray_server.url, LCM, out, timeout=300)
     assert_png(out.read_bytes(), (512, 512))
 
 

@@ -6,8 +6,6 @@ tests/test_serve_limits.py."""
 import base64
 import io
 import json
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -26,8 +24,8 @@ from sd.serve.workers_ai import NO_ROUTE, code_of, to_job
 
 pytest.register_assert_rewrite("server_fixtures")  # before the import below, which the plugin line then reuses
 from server_fixtures import (IMG2IMG, INPAINT, LCM, LIGHTNING, PNG_SIGNATURE, REPO, SDXL, TOKEN,  # noqa: E402
-                             InProcessServer, LogWatch, ServerProcess, broken_bodies, decode, mask_png, picture,
-                             png_bytes, random_json, wait_until, write_sd15)
+                             InProcessServer, LogWatch, ServerProcess, broken_bodies, decode, docs_curl, mask_png,
+                             picture, png_bytes, random_json, wait_until, write_sd15)
 
 pytest_plugins = ["server_fixtures"]
 
@@ -658,13 +656,8 @@ def test_an_image_over_2048_gives_sides_that_fit():
 
 
 def test_the_workers_ai_docs_curl_call(server, tmp_path):
-    """The README's curl call: Cloudflare's docs example with only the host changed (curl -d sends
-    the form content type; the body is JSON all the same). The model's defaults apply: 1024x1024."""
-    if shutil.which("curl") is None:
-        pytest.skip("curl not installed")
+    """The README's curl call: Cloudflare's docs example with only the host changed. The model's
+    defaults apply: 1024x1024."""
     out = tmp_path / "cat.png"
-    command = (f'curl -s {server.url}/client/v4/accounts/$CLOUDFLARE_ACCOUNT_ID/ai/run/{SDXL} -X POST '
-               f'-H "Authorization: Bearer $CLOUDFLARE_API_TOKEN" -d \'{{ "prompt": "cyberpunk cat" }}\' > {out}')
-    env = {**os.environ, "CLOUDFLARE_ACCOUNT_ID": "0123abcd", "CLOUDFLARE_API_TOKEN": TOKEN}
-    subprocess.run(command, shell=True, check=True, env=env, timeout=120)
+    docs_curl(server.url, SDXL, out, timeout=120)
     assert Image.open(out).size == (1024, 1024)
